@@ -1,0 +1,158 @@
+"""``sar3d <stage>``: every stage of the study as a command, with or without Snakemake.
+
+The Snakemake rules call exactly these commands; each takes the study config and
+explicit input/output paths, so a stage can be rerun by hand for debugging.
+Imports are lazy so ``sar3d --help`` and light stages start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sar3d.config import ConfigError, load_config
+from sar3d.io import InputDataError
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="study config (YAML)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sar3d", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("check-config", help="validate a study config and print it with defaults filled")
+    _add_common(p)
+
+    p = sub.add_parser("tracking-init", help="create the MLflow store and experiment before jobs fan out")
+    _add_common(p)
+
+    p = sub.add_parser("download", help="fetch or generate one dataset into an MSD-style folder")
+    _add_common(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("normalise", help="resample and normalise a dataset for pre-training or a task")
+    _add_common(p)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--dataset", help="normalise for pre-training (clip, scale to [0, 1])")
+    target.add_argument("--task", help="normalise for a downstream task (its own normalisation)")
+    p.add_argument("--raw", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("split", help="train/val/test splits of a task, one file per fold or trial")
+    _add_common(p)
+    p.add_argument("--task", required=True)
+    p.add_argument("--data", type=Path, required=True, help="the task's preprocessed folder")
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("cubes", help="cut multi-scale cubes of one pre-training dataset into shards")
+    _add_common(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data", type=Path, required=True, help="the dataset's preprocessed folder")
+    p.add_argument("--heldout", type=Path, nargs="*", default=[], help="heldout.json files of the tasks")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("pretrain", help="self-supervised pre-training (sar, genesis, ablations)")
+    _add_common(p)
+    p.add_argument("--method", required=True)
+    p.add_argument("--cubes", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True, help="U-Net weights (state dict)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="full resumable state")
+
+    for stage in ("finetune", "evaluate"):
+        p = sub.add_parser(stage, help=f"{stage} one (task, init, ratio, fold)")
+        _add_common(p)
+        p.add_argument("--task", required=True)
+        p.add_argument("--init", required=True)
+        p.add_argument("--ratio", type=float, default=1.0)
+        p.add_argument("--fold", type=int, required=True)
+        p.add_argument("--split", type=Path, required=True)
+        p.add_argument("--data", type=Path, required=True)
+        p.add_argument("--out", type=Path, required=True)
+        if stage == "finetune":
+            p.add_argument("--pretrained", type=Path, default=None)
+            p.add_argument("--checkpoint", type=Path, required=True)
+        else:
+            p.add_argument("--model", type=Path, required=True)
+
+    p = sub.add_parser("report", help="the paper's Table 2 from evaluation files")
+    _add_common(p)
+    p.add_argument("--evaluations", type=Path, nargs="+", required=True)
+    p.add_argument("--out-csv", type=Path, required=True)
+    p.add_argument("--out-md", type=Path, required=True)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    stage = args.stage
+    if stage == "check-config":
+        import yaml
+
+        print(yaml.safe_dump(config, sort_keys=False))
+    elif stage == "tracking-init":
+        from sar3d.tracking import init_tracking
+
+        print(init_tracking(config))
+    elif stage == "download":
+        from sar3d.download import run_download
+
+        run_download(config, args.dataset, args.out)
+    elif stage == "normalise":
+        from sar3d.normalise import run_normalise_pretrain, run_normalise_task
+
+        if args.dataset:
+            run_normalise_pretrain(config, args.dataset, args.raw, args.out)
+        else:
+            run_normalise_task(config, args.task, args.raw, args.out)
+    elif stage == "split":
+        from sar3d.splits import run_split
+
+        run_split(config, args.task, args.data, args.out_dir)
+    elif stage == "cubes":
+        from sar3d.cubes import run_cubes
+
+        run_cubes(config, args.dataset, args.data, args.heldout, args.out)
+    elif stage == "pretrain":
+        from sar3d.pretrain import run_pretrain
+
+        run_pretrain(config, args.method, args.cubes, args.out, args.checkpoint)
+    elif stage == "finetune":
+        from sar3d.finetune import run_finetune
+
+        run_finetune(
+            config, args.task, args.init, args.ratio, args.fold, args.split, args.data,
+            args.pretrained, args.out, args.checkpoint,
+        )
+    elif stage == "evaluate":
+        from sar3d.evaluate import run_evaluate
+
+        run_evaluate(
+            config, args.task, args.init, args.ratio, args.fold, args.split, args.data, args.model, args.out
+        )
+    elif stage == "report":
+        from sar3d.report import run_report
+
+        run_report(config, args.evaluations, args.out_csv, args.out_md)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise SystemExit(f"unknown stage {stage}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, InputDataError) as err:
+        print(f"sar3d {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Study configuration: load, validate against the schema, fill defaults, cross-check.
+
+The same schema file backs Snakemake's ``validate`` in the Snakefile and every
+``sar3d`` command, so a bad key fails identically with or without Snakemake.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+BUILTIN_PRETRAIN_METHODS = ("genesis", "sar", "sa", "mial", "sar_s2", "sar_s4", "sar_s8")
+SCRATCH = "scratch"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+def schema_path() -> Path:
+    """Location of the packaged JSON schema (``workflow/schemas`` links to it)."""
+    return Path(str(resources.files("sar3d") / "resources" / "config.schema.yaml"))
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(schema_path().read_text())
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "<top level>"
+
+
+def _resolve_ref(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    if not ref:
+        return schema
+    target: Any = root
+    for part in ref.removeprefix("#/").split("/"):
+        target = target[part]
+    merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return merged
+
+
+def _fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:
+    schema = _resolve_ref(schema, root)
+    if not isinstance(instance, dict):
+        return
+    props: dict[str, Any] = schema.get("properties", {})
+    for name, sub in props.items():
+        sub = _resolve_ref(sub, root)
+        if name not in instance and "default" in sub:
+            instance[name] = copy.deepcopy(sub["default"])
+        if name in instance:
+            _fill_defaults(instance[name], sub, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for name, value in instance.items():
+            if name not in props:
+                _fill_defaults(value, extra, root)
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate against the schema, fill defaults and cross-check; returns a new dict."""
+    config = copy.deepcopy(config)
+    schema = load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"config key '{_key_path(e)}': {e.message}" for e in errors]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    _fill_defaults(config, schema, schema)
+    _cross_check(config)
+    return config
+
+
+def _cross_check(config: dict[str, Any]) -> None:
+    datasets = config["datasets"]
+    for name in config["pretrain"]["datasets"]:
+        if name not in datasets:
+            raise ConfigError(f"config key 'pretrain.datasets.{name}': no dataset '{name}' in 'datasets'")
+    for task, spec in config["tasks"].items():
+        if spec["dataset"] not in datasets:
+            raise ConfigError(f"config key 'tasks.{task}.dataset': no dataset '{spec['dataset']}' in 'datasets'")
+        for cls, values in spec["classes"].items():
+            missing = sorted(set(values) - set(spec["labels"]))
+            if missing:
+                raise ConfigError(f"config key 'tasks.{task}.classes.{cls}': values {missing} not in 'labels'")
+        if spec["split"]["kind"] == "kfold" and spec["split"]["n"] < 2:
+            raise ConfigError(f"config key 'tasks.{task}.split.n': k-fold needs at least 2 folds")
+    for method in config["pretrain"]["methods"]:
+        if method not in BUILTIN_PRETRAIN_METHODS:
+            raise ConfigError(
+                f"config key 'pretrain.methods': unknown method '{method}' (known: {', '.join(BUILTIN_PRETRAIN_METHODS)})"
+            )
+    for init in config["finetune"]["inits"]:
+        if init != SCRATCH and init not in config["pretrain"]["methods"]:
+            raise ConfigError(
+                f"config key 'finetune.inits': '{init}' is neither 'scratch' nor in 'pretrain.methods'"
+            )
+    cubes = config["cubes"]
+    if len(cubes["scales"]) != len(cubes["ratio"]):
+        raise ConfigError("config key 'cubes.ratio': needs one entry per entry of 'cubes.scales'")
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML study config safely, apply ``overrides`` (deep merge), validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    try:
+        return validate_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``extra`` into a copy of ``base`` (``extra`` wins)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def tracking_uri(config: dict[str, Any]) -> str:
+    """The MLflow tracking URI of a study (the local sqlite store by default)."""
+    uri = config["tracking"]["uri"]
+    if uri:
+        return uri
+    db = Path(config["results_dir"]).resolve() / "mlflow.db"
+    return f"sqlite:///{db}"
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested config into dotted keys, e.g. for MLflow parameters."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out

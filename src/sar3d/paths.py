@@ -1,0 +1,38 @@
+"""Where every stage reads and writes: one place, used by the Snakefile and the CLI.
+
+Templates use Snakemake wildcard syntax so the rules and the Python code can
+never disagree on a path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RAW = "{results}/raw/{dataset}"
+PREPROCESSED_PRETRAIN = "{results}/preprocessed/pretrain/{dataset}"
+PREPROCESSED_TASK = "{results}/preprocessed/tasks/{task}"
+SPLIT = "{results}/splits/{task}/fold{fold}.json"
+HELDOUT = "{results}/splits/{task}/heldout.json"
+CUBES = "{results}/cubes/{dataset}"
+PRETRAINED = "{results}/models/pretrain/{method}/model.pt"
+PRETRAIN_CHECKPOINT = "{results}/models/pretrain/{method}/checkpoint.pt"
+FINETUNED = "{results}/models/finetune/{task}/{init}/r{ratio}/fold{fold}/model.pt"
+FINETUNE_CHECKPOINT = "{results}/models/finetune/{task}/{init}/r{ratio}/fold{fold}/checkpoint.pt"
+EVALUATION = "{results}/eval/{task}/{init}/r{ratio}/fold{fold}.csv"
+TABLE2 = "{results}/tables/table2.csv"
+TABLE2_MD = "{results}/tables/table2.md"
+TRACKING_READY = "{results}/mlflow/experiment.json"
+LOGS = "{results}/logs/{rule}/{name}.log"
+
+# Manifest written last inside every dataset folder: its presence marks the folder complete.
+MANIFEST = "manifest.json"
+
+
+def ratio_tag(ratio: float) -> str:
+    """Stable wildcard text for a label ratio: 1 -> '1', 0.5 -> '0.5', 0.02 -> '0.02'."""
+    return f"{ratio:g}"
+
+
+def fill(template: str, results: str | Path, **wildcards: object) -> Path:
+    """Fill a template with the results folder and wildcards."""
+    return Path(template.format(results=results, **wildcards))
