@@ -96,9 +96,8 @@ def _cross_check(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key 'tasks.{task}.split.n': k-fold needs at least 2 folds")
     for method in config["pretrain"]["methods"]:
         if method not in BUILTIN_PRETRAIN_METHODS:
-            raise ConfigError(
-                f"config key 'pretrain.methods': unknown method '{method}' (known: {', '.join(BUILTIN_PRETRAIN_METHODS)})"
-            )
+            known = ", ".join(BUILTIN_PRETRAIN_METHODS)
+            raise ConfigError(f"config key 'pretrain.methods': unknown method '{method}' (known: {known})")
     for init in config["finetune"]["inits"]:
         if init != SCRATCH and init not in config["pretrain"]["methods"]:
             raise ConfigError(

@@ -40,7 +40,7 @@ def _retry(fn, *args, attempts: int = 8, **kwargs):
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - mlflow wraps sqlite errors in many types
+        except Exception as err:
             if "locked" not in str(err).lower() or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
@@ -121,10 +121,8 @@ def tracked_run(
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     marker = fill(TRACKING_READY, config["results_dir"])
-    if marker.exists():
-        experiment_id = read_json(marker)["experiment_id"]
-    else:
-        experiment_id = init_tracking(config)["experiment_id"]
+    info = read_json(marker) if marker.exists() else init_tracking(config)
+    experiment_id = info["experiment_id"]
     job_key = "/".join([stage, *(f"{k}={v}" for k, v in sorted(identity.items()))])
     existing = _retry(
         client.search_runs,

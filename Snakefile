@@ -1,0 +1,29 @@
+# sar3d: the SAR study as a DAG.
+#   data -> normalisation -> splits -> multi-scale cubes -> pre-training
+#        -> fine-tuning (per task, init, label ratio, fold) -> evaluation -> tables
+# Rules only wire paths to `sar3d <stage>` commands; all logic is in src/sar3d.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/tracking.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/normalise.smk"
+include: "workflow/rules/splits.smk"
+include: "workflow/rules/cubes.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        table2_outputs(),

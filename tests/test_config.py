@@ -1,0 +1,74 @@
+"""Config validation: a bad key or value fails before any job starts, naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sar3d.config import ConfigError, load_config, tracking_uri, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_is_valid_and_defaults_are_filled() -> None:
+    config = load_config(REPO / "config.yaml")
+    assert config["pretrain"]["loss_weights"] == {"adversarial": 1.0, "scale": 1.0, "restoration": 10.0}
+    assert config["pretrain"]["optimizer"]["lr"] == {"unet": 1.0, "scale_head": 0.1, "discriminator": 0.001}
+    assert config["cubes"]["ratio"] == [1, 1, 2]
+    # a default that config.yaml does not spell out is filled from the schema
+    assert config["evaluate"]["overlap"] == 0.25
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["pretrain"]["learning_rate"] = 0.1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"pretrain.*learning_rate"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "named"),
+    [
+        ("cubes", "size", [64, 64], "cubes.size"),
+        ("pretrain", "transforms", {"flip_rate": 1.5}, "pretrain.transforms.flip_rate"),
+        ("finetune", "inits", ["scratch", "rotation"], "finetune.inits"),
+    ],
+)
+def test_bad_values_are_named(section: str, key: str, value: object, named: str) -> None:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        validate_config(raw)
+
+
+def test_task_must_reference_a_known_dataset() -> None:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["tasks"]["pancreas"]["dataset"] = "kidney"
+    with pytest.raises(ConfigError, match=r"tasks\.pancreas\.dataset"):
+        validate_config(raw)
+
+
+def test_tracking_uri_defaults_to_sqlite_under_results(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["results_dir"] = str(tmp_path / "res")
+    assert tracking_uri(validate_config(raw)) == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
+
+
+def test_cli_reports_bad_key_and_exits_nonzero(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw["bogus_key"] = 1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sar3d.cli", "check-config", "--config", str(path)],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2
+    assert "bogus_key" in proc.stderr
+    assert str(path) in proc.stderr

@@ -1,0 +1,119 @@
+"""The study as a DAG: every stage listed, a tiny end-to-end run, incremental reruns, MLflow.
+
+One module-scoped tiny study is run once and then inspected by several tests,
+since an end-to-end run is the expensive part.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tinystudy import REPO, tiny_study
+
+pytestmark = pytest.mark.slow
+
+STAGES = (
+    "tracking_init", "download", "normalise_pretrain", "normalise_task", "split_brain_tumour",
+    "split_pancreas", "cubes", "pretrain", "finetune", "evaluate", "report_table2",
+)
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if check and proc.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in workdir.glob("results/logs/*/*.log"))
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-6000:]}\n{logs[-12000:]}")
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """Job counts per rule from a dry run's job stats table."""
+    counts: dict[str, int] = {}
+    for line in proc.stdout.splitlines():
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if match and match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("study")
+    config = tiny_study(Path("results"))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def test_dry_run_lists_every_stage(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_study(Path("results")), sort_keys=False))
+    jobs = planned_jobs(snakemake(tmp_path, "-n"))
+    for stage in STAGES:
+        assert jobs.get(stage, 0) >= 1, f"stage {stage} missing from the dry run: {jobs}"
+    # 2 tasks x 3 inits x 1 ratio x 2 folds
+    assert jobs["finetune"] == 12
+    assert jobs["evaluate"] == 12
+
+
+def test_unknown_config_key_fails_before_any_job(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_study(Path("results")), sort_keys=False))
+    proc = snakemake(tmp_path, "-n", "--config", "bogus_key=1", check=False)
+    assert proc.returncode != 0
+    assert "config key '<top level>': Additional properties are not allowed ('bogus_key'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results" / "raw").exists()
+
+
+def test_study_produces_table2(study: Path) -> None:
+    table = pd.read_csv(study / "results" / "tables" / "table2.csv")
+    md = (study / "results" / "tables" / "table2.md").read_text()
+    for method in ("scratch", "genesis", "sar"):
+        assert method in md
+    assert len(table) >= 3
+    # no finished-looking leftovers of atomic writes
+    assert not list((study / "results").rglob("*.partial*"))
+
+
+def test_second_run_does_nothing(study: Path) -> None:
+    proc = snakemake(study, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_touching_one_fold_reruns_only_its_dependents(study: Path) -> None:
+    fold = study / "results" / "splits" / "pancreas" / "fold1.json"
+    os.utime(fold)
+    jobs = planned_jobs(snakemake(study, "-n"))
+    assert jobs == {"finetune": 3, "evaluate": 3, "report_table2": 1, "all": 1}, jobs
+
+
+def test_mlflow_has_a_run_per_job_with_metrics(study: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{study / 'results' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("sar3d-tests")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    by_stage: dict[str, list] = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags.get("stage", "?"), []).append(run)
+    assert len(by_stage.get("pretrain", [])) == 2
+    assert len(by_stage.get("finetune", [])) == 12
+    assert len(by_stage.get("evaluate", [])) == 12
+    for run in by_stage["pretrain"] + by_stage["finetune"] + by_stage["evaluate"]:
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics, f"run {run.data.tags['job_key']} logged no metrics"
+        assert run.data.params, f"run {run.data.tags['job_key']} logged no params"
+    sar = next(r for r in by_stage["pretrain"] if r.data.tags.get("method") == "sar")
+    history = client.get_metric_history(sar.info.run_id, "train/loss_res")
+    assert len(history) == 2  # one point per epoch
+    shutil.rmtree(study / ".snakemake" / "locks", ignore_errors=True)

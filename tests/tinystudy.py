@@ -1,0 +1,29 @@
+"""A tiny study config that runs end to end in about a minute on CPU."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_study(results_dir: Path) -> dict[str, Any]:
+    """The default study shrunk: fewer/smaller cases, a narrow U-Net, a few steps."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = copy.deepcopy(config)
+    config["results_dir"] = str(results_dir)
+    config["tracking"] = {"uri": None, "experiment": "sar3d-tests"}
+    n_cases = {"luna16": 2, "lits": 2, "brats": 6, "heart": 2, "pancreas": 4}
+    for name, n in n_cases.items():
+        config["datasets"][name]["n_cases"] = n
+    config["preprocess"]["spacing"] = [2.0, 2.0, 2.0]
+    config["cubes"].update(size=[32, 32, 16], per_volume=4)
+    config["pretrain"].update(width=0.125, batch_size=4, epochs=2, steps_per_epoch=2, val_steps=1)
+    config["tasks"]["brain_tumour"]["split"]["n"] = 2
+    config["tasks"]["pancreas"]["split"]["n"] = 2
+    config["finetune"].update(patch_size=[32, 32, 16], epochs=2, steps_per_epoch=2, batch_size=2)
+    return config

@@ -1,0 +1,74 @@
+# Shared wiring: the resolved study config, path templates and the job grid.
+# Path templates live in sar3d.paths so rules and Python code never disagree.
+
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from sar3d import paths
+from sar3d.config import SCRATCH, ConfigError, validate_config
+
+# sar3d's own check first: it names the offending key in one line (and cross-checks
+# datasets, tasks and methods); then Snakemake's validate fills schema defaults.
+try:
+    STUDY = validate_config(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+validate(config, "../schemas/config.schema.yaml")
+R = STUDY["results_dir"]
+SEED = STUDY["seed"]
+
+
+def _write_if_changed(path, text):
+    """Keep the resolved config's mtime stable so reruns only follow real changes."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return str(path)
+
+
+# Every job reads the same resolved config (defaults filled, --config overrides
+# applied), so `sar3d` commands see exactly what Snakemake validated. It is not a
+# rule input: each rule lists the config sections it depends on as params, so a
+# config change reruns only the jobs it concerns.
+STUDY_CONFIG = _write_if_changed(f"{R}/config/study.yaml", yaml.safe_dump(STUDY, sort_keys=False))
+TRACKING = ancient(paths.fill(paths.TRACKING_READY, R))
+
+
+def path(template, **wildcards):
+    return str(paths.fill(template, R, **wildcards))
+
+
+def task_folds(task):
+    return list(range(STUDY["tasks"][task]["split"]["n"]))
+
+
+def ratio_tags():
+    return [paths.ratio_tag(r) for r in STUDY["finetune"]["label_ratios"]]
+
+
+def tasks_of_dataset(dataset):
+    return [t for t, spec in STUDY["tasks"].items() if spec["dataset"] == dataset]
+
+
+def log(rule_name, name):
+    return str(paths.fill(paths.LOGS, R, rule=rule_name, name=name))
+
+
+def threads_env(threads):
+    """Pin every thread pool a stage may use to the job's thread count."""
+    return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+
+
+wildcard_constraints:
+    dataset="|".join(STUDY["datasets"]),
+    task="|".join(STUDY["tasks"]),
+    method="|".join(STUDY["pretrain"]["methods"]),
+    init="|".join(STUDY["finetune"]["inits"]),
+    fold=r"\d+",
+    ratio=r"[0-9.]+",

@@ -1,0 +1,15 @@
+# Data: generate the phantom, fetch an MSD task, or link an existing folder.
+
+
+rule download:
+    output:
+        directory(path(paths.RAW, dataset="{dataset}")),
+    input:
+        TRACKING,
+    params:
+        dataset=lambda wc: STUDY["datasets"][wc.dataset],
+        seed=SEED,
+    log:
+        log("download", "{dataset}"),
+    shell:
+        "sar3d download --config {STUDY_CONFIG} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"

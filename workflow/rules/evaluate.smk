@@ -1,0 +1,22 @@
+# Evaluation of one fine-tuned model on its held-out test cases.
+
+
+rule evaluate:
+    output:
+        path(paths.EVALUATION, task="{task}", init="{init}", ratio="{ratio}", fold="{fold}"),
+    input:
+        model=path(paths.FINETUNED, task="{task}", init="{init}", ratio="{ratio}", fold="{fold}"),
+        split=path(paths.SPLIT, task="{task}", fold="{fold}"),
+        data=path(paths.PREPROCESSED_TASK, task="{task}"),
+        tracking=TRACKING,
+    params:
+        evaluate=STUDY["evaluate"],
+        buckets=lambda wc: STUDY["tasks"][wc.task].get("size_buckets_mm3"),
+        env=threads_env(1),
+    threads: 1
+    log:
+        log("evaluate", "{task}-{init}-r{ratio}-fold{fold}"),
+    shell:
+        "{params.env} sar3d evaluate --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
+        " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"
+        " --model {input.model} --out {output} > {log} 2>&1"

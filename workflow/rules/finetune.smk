@@ -1,0 +1,33 @@
+# Fine-tuning: one job per (task, initialisation, label ratio, fold).
+
+
+def pretrained_input(wildcards):
+    if wildcards.init == SCRATCH:
+        return []
+    return [path(paths.PRETRAINED, method=wildcards.init)]
+
+
+rule finetune:
+    output:
+        path(paths.FINETUNED, task="{task}", init="{init}", ratio="{ratio}", fold="{fold}"),
+    input:
+        split=path(paths.SPLIT, task="{task}", fold="{fold}"),
+        data=path(paths.PREPROCESSED_TASK, task="{task}"),
+        pretrained=pretrained_input,
+        tracking=TRACKING,
+    params:
+        finetune=STUDY["finetune"],
+        width=STUDY["pretrain"]["width"],
+        seed=SEED,
+        pretrained=lambda wc, input: f"--pretrained {input.pretrained}" if input.pretrained else "",
+        checkpoint=lambda wc: path(
+            paths.FINETUNE_CHECKPOINT, task=wc.task, init=wc.init, ratio=wc.ratio, fold=wc.fold
+        ),
+        env=threads_env(1),
+    threads: 1
+    log:
+        log("finetune", "{task}-{init}-r{ratio}-fold{fold}"),
+    shell:
+        "{params.env} sar3d finetune --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
+        " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"
+        " {params.pretrained} --out {output} --checkpoint {params.checkpoint} > {log} 2>&1"

@@ -1,0 +1,22 @@
+# Self-supervised pre-training: SAR, Models Genesis and the ablations, one job each.
+# The resumable checkpoint is deliberately not an output: Snakemake deletes the
+# outputs of failed jobs, and the checkpoint must survive to resume from.
+
+
+rule pretrain:
+    output:
+        path(paths.PRETRAINED, method="{method}"),
+    input:
+        cubes=[path(paths.CUBES, dataset=d) for d in STUDY["pretrain"]["datasets"]],
+        tracking=TRACKING,
+    params:
+        pretrain=STUDY["pretrain"],
+        seed=SEED,
+        checkpoint=lambda wc: path(paths.PRETRAIN_CHECKPOINT, method=wc.method),
+        env=threads_env(2),
+    threads: 2
+    log:
+        log("pretrain", "{method}"),
+    shell:
+        "{params.env} sar3d pretrain --config {STUDY_CONFIG} --method {wildcards.method}"
+        " --cubes {input.cubes} --out {output} --checkpoint {params.checkpoint} > {log} 2>&1"
