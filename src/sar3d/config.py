@@ -145,6 +145,12 @@ def tracking_uri(config: dict[str, Any]) -> str:
     return f"sqlite:///{db}"
 
 
+def resources_for(config: dict[str, Any], group: str) -> dict[str, int]:
+    """Resources of a rule group: schema defaults of that group, then the user's keys."""
+    schema_default = load_schema()["properties"]["resources"]["properties"][group]["default"]
+    return {**schema_default, **config["resources"].get(group, {})}
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Flatten a nested config into dotted keys, e.g. for MLflow parameters."""
     out: dict[str, str] = {}

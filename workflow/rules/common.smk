@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from sar3d import paths
-from sar3d.config import SCRATCH, ConfigError, validate_config
+from sar3d.config import SCRATCH, ConfigError, resources_for, validate_config
 
 # sar3d's own check first: it names the offending key in one line (and cross-checks
 # datasets, tasks and methods); then Snakemake's validate fills schema defaults.
@@ -60,9 +60,21 @@ def log(rule_name, name):
     return str(paths.fill(paths.LOGS, R, rule=rule_name, name=name))
 
 
-def threads_env(threads):
-    """Pin every thread pool a stage may use to the job's thread count."""
-    return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+def rule_resources(group):
+    """Rule resources from config; memory and time grow with each retry attempt."""
+    spec = resources_for(STUDY, group)
+    out = {
+        "mem_mb": lambda wildcards, attempt: spec["mem_mb"] * attempt,
+        "runtime": lambda wildcards, attempt: spec["runtime"] * attempt,
+    }
+    if spec["gpu"]:
+        out["gpu"] = spec["gpu"]
+    return out
+
+
+def rule_threads(group):
+    return resources_for(STUDY, group)["threads"]
+
 
 
 wildcard_constraints:

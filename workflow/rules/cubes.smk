@@ -12,8 +12,11 @@ rule cubes:
     params:
         cubes=STUDY["cubes"],
         seed=SEED,
+    threads: rule_threads("data")
+    resources:
+        **rule_resources("data"),
     log:
         log("cubes", "{dataset}"),
     shell:
-        "sar3d cubes --config {STUDY_CONFIG} --dataset {wildcards.dataset} --data {input.data}"
+        "OMP_NUM_THREADS={threads} sar3d cubes --config {STUDY_CONFIG} --dataset {wildcards.dataset} --data {input.data}"
         " --heldout {input.heldout} --out {output} > {log} 2>&1"

@@ -9,7 +9,10 @@ rule download:
     params:
         dataset=lambda wc: STUDY["datasets"][wc.dataset],
         seed=SEED,
+    threads: rule_threads("data")
+    resources:
+        **rule_resources("data"),
     log:
         log("download", "{dataset}"),
     shell:
-        "sar3d download --config {STUDY_CONFIG} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} sar3d download --config {STUDY_CONFIG} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"

@@ -12,11 +12,12 @@ rule evaluate:
     params:
         evaluate=STUDY["evaluate"],
         buckets=lambda wc: STUDY["tasks"][wc.task].get("size_buckets_mm3"),
-        env=threads_env(1),
-    threads: 1
+    threads: rule_threads("evaluate")
+    resources:
+        **rule_resources("evaluate"),
     log:
         log("evaluate", "{task}-{init}-r{ratio}-fold{fold}"),
     shell:
-        "{params.env} sar3d evaluate --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
+        "OMP_NUM_THREADS={threads} sar3d evaluate --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
         " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"
         " --model {input.model} --out {output} > {log} 2>&1"

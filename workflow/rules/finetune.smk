@@ -23,11 +23,12 @@ rule finetune:
         checkpoint=lambda wc: path(
             paths.FINETUNE_CHECKPOINT, task=wc.task, init=wc.init, ratio=wc.ratio, fold=wc.fold
         ),
-        env=threads_env(1),
-    threads: 1
+    threads: rule_threads("finetune")
+    resources:
+        **rule_resources("finetune"),
     log:
         log("finetune", "{task}-{init}-r{ratio}-fold{fold}"),
     shell:
-        "{params.env} sar3d finetune --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
+        "OMP_NUM_THREADS={threads} sar3d finetune --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
         " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"
         " {params.pretrained} --out {output} --checkpoint {params.checkpoint} > {log} 2>&1"

@@ -10,10 +10,13 @@ rule normalise_pretrain:
     params:
         preprocess=STUDY["preprocess"],
         channels=lambda wc: STUDY["pretrain"]["datasets"].get(wc.dataset),
+    threads: rule_threads("data")
+    resources:
+        **rule_resources("data"),
     log:
         log("normalise_pretrain", "{dataset}"),
     shell:
-        "sar3d normalise --config {STUDY_CONFIG} --dataset {wildcards.dataset}"
+        "OMP_NUM_THREADS={threads} sar3d normalise --config {STUDY_CONFIG} --dataset {wildcards.dataset}"
         " --raw {input.raw} --out {output} > {log} 2>&1"
 
 
@@ -26,8 +29,11 @@ rule normalise_task:
     params:
         preprocess=STUDY["preprocess"],
         task=lambda wc: {k: v for k, v in STUDY["tasks"][wc.task].items() if k != "split"},
+    threads: rule_threads("data")
+    resources:
+        **rule_resources("data"),
     log:
         log("normalise_task", "{task}"),
     shell:
-        "sar3d normalise --config {STUDY_CONFIG} --task {wildcards.task}"
+        "OMP_NUM_THREADS={threads} sar3d normalise --config {STUDY_CONFIG} --task {wildcards.task}"
         " --raw {input.raw} --out {output} > {log} 2>&1"

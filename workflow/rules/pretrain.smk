@@ -13,10 +13,11 @@ rule pretrain:
         pretrain=STUDY["pretrain"],
         seed=SEED,
         checkpoint=lambda wc: path(paths.PRETRAIN_CHECKPOINT, method=wc.method),
-        env=threads_env(2),
-    threads: 2
+    threads: rule_threads("pretrain")
+    resources:
+        **rule_resources("pretrain"),
     log:
         log("pretrain", "{method}"),
     shell:
-        "{params.env} sar3d pretrain --config {STUDY_CONFIG} --method {wildcards.method}"
+        "OMP_NUM_THREADS={threads} sar3d pretrain --config {STUDY_CONFIG} --method {wildcards.method}"
         " --cubes {input.cubes} --out {output} --checkpoint {params.checkpoint} > {log} 2>&1"

@@ -24,6 +24,9 @@ rule report_table2:
         tracking=TRACKING,
     params:
         tasks=STUDY["tasks"],
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
     log:
         log("report", "table2"),
     shell:

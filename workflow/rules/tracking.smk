@@ -7,6 +7,9 @@ rule tracking_init:
         paths.fill(paths.TRACKING_READY, R),
     params:
         tracking=STUDY["tracking"],
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
     log:
         log("tracking_init", "tracking"),
     shell:
