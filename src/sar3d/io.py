@@ -55,6 +55,7 @@ def atomic_output(path: str | os.PathLike[str], *, directory: bool = False) -> I
             tmp = renamed
     try:
         yield tmp
+        _apply_umask(tmp)
         if directory and target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -64,6 +65,13 @@ def atomic_output(path: str | os.PathLike[str], *, directory: bool = False) -> I
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _apply_umask(path: Path) -> None:
+    """mkstemp/mkdtemp create owner-only entries; give outputs the permissions of a normal write."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -1,0 +1,160 @@
+"""Multi-scale cubes: scale ratio, crop sizes, test-case exclusion, case-level split, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from sar3d.config import validate_config
+from sar3d.cubes import META_COLUMNS, apportion, run_cubes
+from sar3d.io import InputDataError
+from sar3d.loader import open_cube_store
+
+HELDOUT_VALUE = 0.777  # held-out volumes are this constant; kept volumes never reach it
+SHAPES = {"c0": (40, 36, 20), "c1": (32, 44, 24), "c2": (36, 36, 16), "c3": (40, 40, 20), "c4": (30, 30, 30)}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MLflow store for the module: creating a store costs seconds."""
+    return tmp_path_factory.getbasetemp() / "sar3d-data-results"
+
+
+def study(results: Path, **cubes: Any) -> dict[str, Any]:
+    return validate_config({
+        "seed": 11, "results_dir": str(results), "tracking": {"experiment": "sar3d-tests-data"},
+        "datasets": {"brats": {"source": "phantom", "phantom": "brain_mri", "modality": "MRI"}},
+        "tasks": {"brain": {"dataset": "brats", "normalisation": "zscore_nonzero", "labels": [0, 1],
+                            "classes": {"t": [1]}, "split": {"kind": "trials", "n": 1}}},
+        "cubes": {"size": [12, 10, 6], "per_volume": 8, "min_foreground": 0.3, "val_fraction": 0.3, **cubes},
+    })
+
+
+def pretrain_folder(root: Path) -> Path:
+    """A preprocessed pre-training folder: foreground in the lower half of x, values <= 0.6."""
+    rng = np.random.default_rng(5)
+    (root / "images").mkdir(parents=True)
+    cases = []
+    for case, shape in SHAPES.items():
+        for channel in (0, 1):
+            if case in ("c3", "c4"):
+                volume = np.full(shape, HELDOUT_VALUE, dtype=np.float32)
+            else:
+                volume = np.zeros(shape, dtype=np.float32)
+                volume[: shape[0] // 2] = 0.2 + 0.4 * rng.random((shape[0] // 2, *shape[1:]))
+            rel = f"images/{case}_c{channel}.nii.gz"
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), root / rel)
+            cases.append({"case": case, "channel": channel, "image": rel, "label": None,
+                          "shape": list(shape), "foreground_mm3": {}})
+    manifest = {"purpose": "pretrain", "dataset": "brats", "task": None, "modality": "MRI",
+                "spacing": [1.0, 1.0, 1.0], "cases": cases}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def heldout_files(root: Path) -> list[Path]:
+    root.mkdir(parents=True)
+    ours, other = root / "brain.json", root / "other.json"
+    ours.write_text(json.dumps({"task": "brain", "dataset": "brats", "cases": ["c3", "c4"]}))
+    other.write_text(json.dumps({"task": "liver", "dataset": "lits", "cases": ["c0"]}))
+    return [ours, other]
+
+
+@pytest.fixture(scope="module")
+def cut(tmp_path_factory: pytest.TempPathFactory, results: Path) -> tuple[Path, Path, list[Path]]:
+    root = tmp_path_factory.mktemp("cubes")
+    data = pretrain_folder(root / "pre")
+    heldout = heldout_files(root / "splits")
+    run_cubes(study(results), "brats", data, heldout, root / "out")
+    return root / "out", data, heldout
+
+
+def test_apportion_is_exact() -> None:
+    assert apportion(16, [1, 1, 2]) == [4, 4, 8]
+    assert apportion(64, [1, 1, 2]) == [16, 16, 32]
+    assert apportion(5, [1, 1, 2]) == [1, 1, 3]
+    assert sum(apportion(7, [1, 2, 3, 0])) == 7 and apportion(7, [1, 2, 3, 0])[3] == 0
+
+
+def test_cube_files_scales_and_sizes(cut: tuple[Path, Path, list[Path]]) -> None:
+    out, _, _ = cut
+    cubes = np.load(out / "cubes.npy", mmap_mode="r")
+    meta = pd.read_csv(out / "meta.csv")
+    manifest = json.loads((out / "manifest.json").read_text())
+    n_volumes = 6  # c0..c2, two channels each
+    assert cubes.dtype == np.float32 and cubes.shape == (n_volumes * 8, 12, 10, 6)
+    assert list(meta.columns) == META_COLUMNS and list(meta["index"]) == list(range(len(cubes)))
+    assert manifest == {"dataset": "brats", "modality": "MRI", "n_cubes": 48, "size": [12, 10, 6],
+                        "scales": [0.5, 0.25, 0.125], "ratio": [1, 1, 2], "excluded_cases": ["c3", "c4"]}
+    assert float(cubes.min()) >= 0.0 and float(cubes.max()) <= 1.0
+    for _, group in meta.groupby(["case", "channel"]):
+        assert list(group["scale"].value_counts().sort_index()) == [2, 2, 4]  # 1:1:2
+    assert set(meta["modality"]) == {1}
+    for row in meta.itertuples():
+        shape = SHAPES[row.case]
+        size = (row.size_x, row.size_y, row.size_z)
+        assert row.scale_fraction == [0.5, 0.25, 0.125][row.scale]
+        assert all(abs(s - row.scale_fraction * side) <= 0.5 for s, side in zip(size, shape, strict=True))
+        origin = np.array([row.origin_x, row.origin_y, row.origin_z])
+        assert (origin >= 0).all() and (origin + size <= shape).all()
+
+
+def test_crops_reach_min_foreground(cut: tuple[Path, Path, list[Path]]) -> None:
+    out, _, _ = cut
+    meta = pd.read_csv(out / "meta.csv")
+    fractions = []
+    for row in meta.itertuples():
+        half = SHAPES[row.case][0] // 2  # foreground is x < half
+        inside = max(0, min(row.origin_x + row.size_x, half) - row.origin_x)
+        fractions.append(inside / row.size_x)
+    assert min(fractions) >= 0.3
+
+
+def test_heldout_cases_never_reach_cubes(cut: tuple[Path, Path, list[Path]]) -> None:
+    out, _, _ = cut
+    meta = pd.read_csv(out / "meta.csv")
+    assert set(meta["case"]) == {"c0", "c1", "c2"}  # c0 is held out for another dataset only
+    cubes = np.load(out / "cubes.npy")
+    assert not np.isclose(cubes, HELDOUT_VALUE, atol=1e-3).any()
+    assert cubes.max() <= 0.6 + 1e-6
+
+
+def test_split_by_case_and_deterministic(tmp_path: Path, cut: tuple[Path, Path, list[Path]], results: Path) -> None:
+    out, data, heldout = cut
+    meta = pd.read_csv(out / "meta.csv")
+    per_case = meta.groupby("case")["split"].agg(set)
+    assert all(len(s) == 1 for s in per_case)  # a case is all train or all val
+    assert sorted(s.pop() for s in per_case) == ["train", "train", "val"]
+
+    run_cubes(study(results), "brats", data, heldout, tmp_path / "again")
+    assert (tmp_path / "again" / "cubes.npy").read_bytes() == (out / "cubes.npy").read_bytes()
+    assert (tmp_path / "again" / "meta.csv").read_text() == (out / "meta.csv").read_text()
+
+    run_cubes({**study(results), "seed": 12}, "brats", data, heldout, tmp_path / "other")
+    assert not np.array_equal(np.load(tmp_path / "other" / "cubes.npy"), np.load(out / "cubes.npy"))
+
+
+def test_store_reads_what_was_cut(cut: tuple[Path, Path, list[Path]]) -> None:
+    out, _, _ = cut
+    meta = pd.read_csv(out / "meta.csv")
+    store = open_cube_store([out], "val")
+    assert len(store) == (meta["split"] == "val").sum()
+    batch = store.fetch([0, len(store) - 1])
+    rows = meta.index[meta["split"] == "val"][[0, -1]]
+    np.testing.assert_array_equal(batch["cube"][:, 0].numpy(), np.load(out / "cubes.npy")[rows])
+    assert batch["scale"].tolist() == meta.loc[rows, "scale"].tolist()
+
+
+def test_exclusion_leaving_too_few_cases_is_refused(tmp_path: Path, cut: tuple[Path, Path, list[Path]],
+                                                   results: Path) -> None:
+    _, data, _ = cut
+    (tmp_path / "h.json").write_text(json.dumps({"task": "b", "dataset": "brats", "cases": ["c0", "c1", "c2", "c3"]}))
+    with pytest.raises(InputDataError, match="only 1 case"):
+        run_cubes(study(results), "brats", data, [tmp_path / "h.json"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
