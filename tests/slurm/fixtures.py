@@ -1,0 +1,137 @@
+"""Reusable pytest helpers for running Snakemake on the local single-node Slurm test cluster.
+
+Use from a test module (not a conftest, so only tests that ask for it pay for it)::
+
+    from slurm import fixtures as slurm_fixtures
+
+    slurm_cluster = slurm_fixtures.slurm_cluster  # re-export the fixture
+
+    @pytest.mark.slurm
+    def test_x(slurm_cluster, tmp_path):
+        proc = slurm_fixtures.run_snakemake(["--profile", str(slurm_fixtures.PROFILE)], tmp_path, slurm_cluster)
+
+``slurm_cluster`` (session scope) runs ``tests/slurm/start_slurm.sh`` once and yields the
+environment to run Snakemake with: ``os.environ`` plus ``PATH`` (this Python's bin dir first, so
+jobs find the same snakemake) and ``SAR3D_SLURM_DIR`` / ``SAR3D_SLURM_PROFILE``. It skips the test
+when the cluster cannot be set up here (not root, no apt-get, packages not installable, plugin
+missing), except when ``CI`` is set: then every setup problem is a failure. The cluster is left
+running (cheap, and other xdist workers may be using it); ``tests/slurm/stop_slurm.sh`` stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+START = HERE / "start_slurm.sh"
+STOP = HERE / "stop_slurm.sh"
+PROFILE = REPO / "profiles" / "slurm"
+UNAVAILABLE = 77  # start_slurm.sh: cannot be set up on this machine
+
+
+class SlurmSetupError(RuntimeError):
+    """The cluster could not be brought up."""
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"Slurm test cluster unavailable in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def cluster_env(slurm_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Environment for talking to the test cluster and running Snakemake against it."""
+    env = dict(os.environ)
+    path = [str(Path(sys.executable).parent), *env.get("PATH", "").split(os.pathsep), "/usr/sbin", "/sbin"]
+    env["PATH"] = os.pathsep.join(dict.fromkeys(p for p in path if p))
+    env["SAR3D_SLURM_DIR"] = str(slurm_dir or env.get("SAR3D_SLURM_DIR", "/tmp/sar3d-slurm"))
+    env["SAR3D_SLURM_PROFILE"] = str(PROFILE)
+    env.pop("SNAKEMAKE_PROFILE", None)
+    return env
+
+
+def start_cluster(timeout: float = 600) -> tuple[dict[str, str], float]:
+    """Run start_slurm.sh; return (env, seconds it took). Skips/fails via pytest when unavailable."""
+    if os.name != "posix" or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        _skip_or_fail("the Slurm test cluster needs root (it installs slurm-wlm/munge and starts daemons)")
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        _skip_or_fail('snakemake-executor-plugin-slurm is not installed (pip install -e ".[slurm]")')
+    env = cluster_env()
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(
+            ["bash", str(START)], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise SlurmSetupError(f"start_slurm.sh did not finish within {timeout}s") from err
+    seconds = time.monotonic() - t0
+    if proc.returncode == UNAVAILABLE:
+        _skip_or_fail(f"cannot set up Slurm here: {proc.stderr.strip().splitlines()[-1]}")
+    if proc.returncode != 0:
+        raise SlurmSetupError(f"start_slurm.sh failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return env, seconds
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[dict[str, str]]:
+    """A running single-node Slurm cluster (partition ``main``, 1 fake GPU); yields the env dict."""
+    env, seconds = start_cluster()
+    env["SAR3D_SLURM_STARTUP_S"] = f"{seconds:.1f}"
+    print(f"Slurm test cluster ready in {seconds:.1f}s (logs in {env['SAR3D_SLURM_DIR']}/log)")
+    yield env
+
+
+def run_snakemake(
+    args: Sequence[str], cwd: str | os.PathLike[str], env: dict[str, str], timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m snakemake *args`` in ``cwd``; on timeout stop it with SIGINT (so it cancels
+    its Slurm jobs), then SIGKILL if it does not exit, and raise ``subprocess.TimeoutExpired``."""
+    cmd = [sys.executable, "-m", "snakemake", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # SIGTERM would leave queued/running Slurm jobs behind
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def slurm_jobs(env: dict[str, str], job_ids: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
+    """Jobs slurmctld still knows (finished ones stay for MinJobAge=300s): id -> name/state/comment."""
+    cmd = ["squeue", "-h", "-t", "all", "-o", "%i|%j|%T|%k"]
+    if job_ids:
+        cmd += ["-j", ",".join(job_ids)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    jobs = {}
+    for line in out.splitlines():
+        job_id, name, state, comment = line.split("|", 3)
+        jobs[job_id.strip()] = {"name": name, "state": state, "comment": comment}
+    return jobs
+
+
+def submitted_job_ids(env: dict[str, str]) -> set[str]:
+    """Every job id slurmctld logged as submitted through sbatch since it started."""
+    log = Path(env["SAR3D_SLURM_DIR"]) / "log" / "slurmctld.log"
+    ids = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if "_slurm_rpc_submit_batch_job: JobId=" in line:
+            ids.add(line.split("JobId=", 1)[1].split()[0])
+    return ids
