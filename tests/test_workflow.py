@@ -61,9 +61,9 @@ def test_dry_run_lists_every_stage(tmp_path: Path) -> None:
     jobs = planned_jobs(snakemake(tmp_path, "-n"))
     for stage in STAGES:
         assert jobs.get(stage, 0) >= 1, f"stage {stage} missing from the dry run: {jobs}"
-    # 2 tasks x 3 inits x 1 ratio x 2 folds
-    assert jobs["finetune"] == 12
-    assert jobs["evaluate"] == 12
+    # 3 inits x (1 brain trial + 2 pancreas folds) x 1 ratio
+    assert jobs["finetune"] == 9
+    assert jobs["evaluate"] == 9
 
 
 def test_unknown_config_key_fails_before_any_job(tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ def test_study_produces_table2(study: Path) -> None:
     table = pd.read_csv(study / "results" / "tables" / "table2.csv")
     md = (study / "results" / "tables" / "table2.md").read_text()
     for method in ("scratch", "genesis", "sar"):
-        assert method in md
+        assert method in md.lower()
     assert len(table) >= 3
     # no finished-looking leftovers of atomic writes
     assert not list((study / "results").rglob("*.partial*"))
@@ -89,9 +89,11 @@ def test_second_run_does_nothing(study: Path) -> None:
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_touching_one_fold_reruns_only_its_dependents(study: Path) -> None:
+def test_changing_one_fold_reruns_only_its_dependents(study: Path) -> None:
+    # Snakemake compares checksums of small inputs, so a bare `touch` that keeps the
+    # content is (rightly) not a change; an edited split file is.
     fold = study / "results" / "splits" / "pancreas" / "fold1.json"
-    os.utime(fold)
+    fold.write_text(fold.read_text() + "\n")
     jobs = planned_jobs(snakemake(study, "-n"))
     assert jobs == {"finetune": 3, "evaluate": 3, "report_table2": 1, "all": 1}, jobs
 
@@ -107,8 +109,8 @@ def test_mlflow_has_a_run_per_job_with_metrics(study: Path) -> None:
     for run in runs:
         by_stage.setdefault(run.data.tags.get("stage", "?"), []).append(run)
     assert len(by_stage.get("pretrain", [])) == 2
-    assert len(by_stage.get("finetune", [])) == 12
-    assert len(by_stage.get("evaluate", [])) == 12
+    assert len(by_stage.get("finetune", [])) == 9
+    assert len(by_stage.get("evaluate", [])) == 9
     for run in by_stage["pretrain"] + by_stage["finetune"] + by_stage["evaluate"]:
         assert run.info.status == "FINISHED"
         assert run.data.metrics, f"run {run.data.tags['job_key']} logged no metrics"

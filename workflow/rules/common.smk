@@ -40,6 +40,15 @@ STUDY_CONFIG = _write_if_changed(f"{R}/config/study.yaml", yaml.safe_dump(STUDY,
 TRACKING = ancient(paths.fill(paths.TRACKING_READY, R))
 
 
+def settings(section, *grid_keys):
+    """A config section minus the keys that only enlarge the job grid.
+
+    Used as rule params so a config change reruns exactly the jobs it concerns:
+    adding a method or a label ratio adds jobs, it does not rerun the others.
+    """
+    return {k: v for k, v in STUDY[section].items() if k not in grid_keys and k != "resources"}
+
+
 def path(template, **wildcards):
     return str(paths.fill(template, R, **wildcards))
 

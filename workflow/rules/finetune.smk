@@ -16,7 +16,7 @@ rule finetune:
         pretrained=pretrained_input,
         tracking=TRACKING,
     params:
-        finetune=STUDY["finetune"],
+        finetune=settings("finetune", "inits", "label_ratios", "device"),
         width=STUDY["pretrain"]["width"],
         seed=SEED,
         pretrained=lambda wc, input: f"--pretrained {input.pretrained}" if input.pretrained else "",

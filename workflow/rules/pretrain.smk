@@ -10,7 +10,7 @@ rule pretrain:
         cubes=[path(paths.CUBES, dataset=d) for d in STUDY["pretrain"]["datasets"]],
         tracking=TRACKING,
     params:
-        pretrain=STUDY["pretrain"],
+        pretrain=settings("pretrain", "methods", "num_workers", "device"),
         seed=SEED,
         checkpoint=lambda wc: path(paths.PRETRAIN_CHECKPOINT, method=wc.method),
     threads: rule_threads("pretrain")

@@ -1,0 +1,237 @@
+"""Test-set evaluation of one fine-tuned model: Dice per (test case, class).
+
+Inference is MONAI's ``sliding_window_inference`` over the whole preprocessed
+volume (roi = ``finetune.patch_size``, ``evaluate.sw_batch_size``,
+``evaluate.overlap``, Gaussian blending); a voxel belongs to a class when the
+sigmoid of its logit exceeds 0.5. Each class is its own channel (multi-label:
+pancreas ``organ`` = labels {1, 2}, ``tumour`` = {2}), as in fine-tuning.
+
+Dice conventions (per case and class, on the preprocessed voxel grid):
+
+* prediction and reference both non-empty: ``2|P∩R| / (|P| + |R|)``;
+* exactly one of them empty: 0 (a missed lesion or a hallucinated one);
+* both empty: NaN - the case says nothing about that class. Such rows stay in
+  the CSV, are excluded from every mean, and are counted (``n_empty/<class>``).
+
+``volume_mm3`` is the reference volume of that class from the task manifest
+(measured on the original grid by normalisation). For tasks with
+``size_buckets_mm3`` every row of a case carries the case's bucket, decided by
+the *first* class's volume with :func:`sar3d.splits.size_bucket`; the rule text
+(e.g. ``small < 4000 mm3 <= medium < 16000 mm3 <= large``) and the summary go
+to a sidecar ``<out without .csv>.json`` next to the CSV.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sar3d import engine
+from sar3d.io import InputDataError, atomic_output, check_same_grid, load_volume, read_json, voxel_spacing, write_json
+from sar3d.paths import MANIFEST
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ["task", "init", "ratio", "fold", "case", "class", "dice", "volume_mm3", "size_bucket"]
+
+
+# --------------------------------------------------------------------------- data shared with fine-tuning
+
+
+def class_channels(label: np.ndarray, classes: Mapping[str, Sequence[int]]) -> np.ndarray:
+    """Multi-label target: one binary channel per evaluated class, in the config's class order."""
+    return np.stack([np.isin(label, list(values)) for values in classes.values()]).astype(np.float32)
+
+
+def read_manifest(data: Path) -> dict[str, dict[str, Any]]:
+    """The task manifest's cases by id."""
+    manifest = read_json(Path(data) / MANIFEST)
+    return {entry["case"]: entry for entry in manifest["cases"]}
+
+
+def load_case(data: Path, entry: Mapping[str, Any], classes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """Image ``(1, X, Y, Z)`` and class channels ``(C, X, Y, Z)`` of one preprocessed case."""
+    data = Path(data)
+    image, affine = load_volume(data / entry["image"])
+    if entry.get("label") is None:
+        raise InputDataError(data / MANIFEST, f"case '{entry['case']}' has no label")
+    label, label_affine = load_volume(data / entry["label"])
+    check_same_grid(data / entry["image"], image.shape, affine, data / entry["label"], label.shape, label_affine)
+    return {
+        "case": entry["case"],
+        "image": image[None],
+        "label": class_channels(np.rint(label), classes),
+        "spacing": voxel_spacing(affine),
+    }
+
+
+def split_cases(split: Path, manifest: Mapping[str, Any], part: str) -> list[str]:
+    """The ``part`` (train | val | test) cases of a split file, checked against the manifest."""
+    cases = list(read_json(split)[part])
+    missing = [c for c in cases if c not in manifest]
+    if missing:
+        raise InputDataError(split, f"{part} cases {missing} are not in the task manifest")
+    return cases
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def dice_score(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
+    """Dice of two binary masks with the conventions of the module docstring (NaN / 0 / overlap)."""
+    p = torch.as_tensor(pred).bool()
+    r = torch.as_tensor(ref).bool()
+    n_p, n_r = int(p.sum()), int(r.sum())
+    if n_p == 0 and n_r == 0:
+        return math.nan
+    if n_p == 0 or n_r == 0:
+        return 0.0
+    return 2.0 * int((p & r).sum()) / (n_p + n_r)
+
+
+def dice_per_class(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> list[float]:
+    """:func:`dice_score` of every channel of ``(C, ...)`` masks."""
+    return [dice_score(pred[c], ref[c]) for c in range(len(ref))]
+
+
+def bucket_rule(thresholds: Sequence[float]) -> str:
+    """Human-readable size-bucket rule, as written to the sidecar and the report."""
+    t0, t1 = thresholds
+    return f"small < {t0:g} mm3 <= medium < {t1:g} mm3 <= large"
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def build_segmenter(config: Mapping[str, Any], task: str) -> torch.nn.Module:
+    """The fine-tuning U-Net of a task (one logit channel per class)."""
+    from sar3d.networks import UNet3D
+
+    n_classes = len(config["tasks"][task]["classes"])
+    return UNet3D(in_channels=1, out_channels=n_classes, width=config["pretrain"]["width"], final_activation=None)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module, image: np.ndarray, config: Mapping[str, Any], device: torch.device,
+    amp: torch.dtype | None,
+) -> torch.Tensor:
+    """Sliding-window logits ``(C, X, Y, Z)`` (float32, CPU) of one ``(1, X, Y, Z)`` volume."""
+    from monai.inferers import sliding_window_inference
+
+    x = engine.to_device(torch.as_tensor(image)[None].float(), device)
+    with engine.autocast(device, amp):
+        logits = sliding_window_inference(
+            x,
+            roi_size=tuple(config["finetune"]["patch_size"]),
+            sw_batch_size=config["evaluate"]["sw_batch_size"],
+            predictor=model,
+            overlap=config["evaluate"]["overlap"],
+            mode="gaussian",
+        )
+    return torch.as_tensor(logits)[0].float().cpu()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def evaluate_cases(
+    config: Mapping[str, Any], task: str, model: torch.nn.Module, data: Path,
+    manifest: Mapping[str, Mapping[str, Any]], cases: Sequence[str], device: torch.device,
+    amp: torch.dtype | None,
+) -> list[dict[str, Any]]:
+    """Rows ``case, class, dice, volume_mm3, size_bucket`` for every test case and class."""
+    spec = config["tasks"][task]
+    classes = spec["classes"]
+    thresholds = spec.get("size_buckets_mm3")
+    first = next(iter(classes))
+    rows = []
+    model.eval()
+    for case in engine.progress(cases, len(cases), f"evaluate {task}"):
+        item = load_case(data, manifest[case], classes)
+        pred = torch.sigmoid(predict_logits(model, item["image"], config, device, amp)) > 0.5
+        ref = torch.as_tensor(item["label"]).bool()
+        voxel_mm3 = float(np.prod(item["spacing"]))
+        recorded = manifest[case].get("foreground_mm3") or {}
+        volumes = {
+            name: float(recorded.get(name, float(ref[c].sum()) * voxel_mm3)) for c, name in enumerate(classes)
+        }
+        bucket = size_bucket_of(volumes[first], thresholds) if thresholds else ""
+        for c, name in enumerate(classes):
+            rows.append({
+                "case": case, "class": name, "dice": dice_score(pred[c], ref[c]),
+                "volume_mm3": volumes[name], "size_bucket": bucket,
+            })
+    return rows
+
+
+def size_bucket_of(volume_mm3: float, thresholds: Sequence[float]) -> str:
+    from sar3d.splits import size_bucket
+
+    return size_bucket(volume_mm3, thresholds)
+
+
+def summarise(frame: pd.DataFrame) -> dict[str, float]:
+    """Mean Dice per class (and per class and bucket), NaN rows excluded and counted."""
+    out: dict[str, float] = {}
+    for name, group in frame.groupby("class", sort=False):
+        out[f"dice/{name}"] = float(group["dice"].mean())  # pandas skips NaN
+        out[f"n_cases/{name}"] = float(len(group))
+        out[f"n_empty/{name}"] = float(group["dice"].isna().sum())
+        for bucket, sub in group[group["size_bucket"] != ""].groupby("size_bucket"):
+            out[f"dice/{name}/{bucket}"] = float(sub["dice"].mean())
+            out[f"n_cases/{name}/{bucket}"] = float(len(sub))
+    return out
+
+
+def sidecar_path(csv: Path) -> Path:
+    """Where the JSON summary of an evaluation CSV lives (``paths.EVALUATION_SUMMARY``): ``fold0.csv`` -> ``fold0.json``."""
+    return Path(csv).with_suffix(".json")
+
+
+def run_evaluate(
+    config: dict[str, Any], task: str, init: str, ratio: float, fold: int, split: Path, data: Path,
+    model: Path, out: Path,
+) -> None:
+    """Evaluate one fine-tuned model on its split's test cases; write the per-(case, class) CSV."""
+    from sar3d.networks import load_state_dict_file
+    from sar3d.tracking import tracked_run
+
+    engine.set_determinism()
+    fcfg = config["finetune"]
+    device = engine.resolve_device(fcfg["device"])
+    amp = engine.resolve_precision(fcfg["precision"], device)
+    manifest = read_manifest(data)
+    cases = split_cases(split, manifest, "test")
+    net = build_segmenter(config, task)
+    net.load_state_dict(load_state_dict_file(model), strict=True)
+    net = engine.prepare_model(net, device)
+    thresholds = config["tasks"][task].get("size_buckets_mm3")
+
+    identity = {"task": task, "init": init, "ratio": ratio, "fold": fold}
+    params = {"evaluate": config["evaluate"], "finetune.patch_size": fcfg["patch_size"], "model": str(model)}
+    with tracked_run(config, "evaluate", identity, params=params) as run:
+        rows = evaluate_cases(config, task, net, data, manifest, cases, device, amp)
+        frame = pd.DataFrame([{"task": task, "init": init, "ratio": ratio, "fold": fold, **r} for r in rows])
+        frame = frame.reindex(columns=CSV_COLUMNS)
+        summary = summarise(frame)
+        with atomic_output(out) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6f")
+        side = sidecar_path(out)
+        write_json(side, {
+            **identity, "n_cases": len(cases),
+            "size_buckets_mm3": thresholds, "bucket_rule": bucket_rule(thresholds) if thresholds else None,
+            "bucket_class": next(iter(config["tasks"][task]["classes"])) if thresholds else None,
+            "dice_conventions": "both empty -> NaN (excluded from means, counted); one empty -> 0",
+            "summary": summary,
+        })
+        run.metrics({k: v for k, v in summary.items() if math.isfinite(v)})
+        run.artifact(out)
+        run.artifact(side)

@@ -1,0 +1,338 @@
+"""Self-supervised pre-training: SAR and its ablations through one code path.
+
+Every method is the SAR objective (paper eq. 4) with some terms switched off:
+
+=========  ===========  ===========  ===================  =========================
+method     restoration  scale (SA)   adversarial (MIAL)   cubes
+=========  ===========  ===========  ===================  =========================
+genesis    yes          -            -                    all scales (Models Genesis)
+sa         yes          yes          -                    all scales (+SA)
+mial       yes          -            yes                  all scales (+MIAL)
+sar        yes          yes          yes                  all scales
+sar_s2     yes          -            yes                  1/2 only (Table 3)
+sar_s4     yes          -            yes                  1/4 only
+sar_s8     yes          -            yes                  1/8 only
+=========  ===========  ===========  ===================  =========================
+
+The single-scale variants keep everything of SAR except the scale loss: with
+one scale there is one class, cross-entropy is identically zero and the scale
+head would learn nothing, so it is not built.
+
+One training step is the two-player game of eq. (3)-(4):
+
+1. *Discriminator step.* The encoder's four feature maps, detached, go through
+   the MIAL discriminator M; ``L_disc = BCE-with-logits(M(E(x̂)), modality)``
+   (positive = MRI) updates M only (SGD, lr 1e-3).
+2. *Generator step.* ``w_res·L_res + w_scale·L_scale + w_adv·L_adv_enc`` updates
+   the U-Net and the scale head (SGD, lr 1.0 and 0.1), where
+   ``L_res = MSE(U-Net(x̂), x)``, ``L_scale = CE(S(E(x̂)_deepest), scale)`` and
+   ``L_adv_enc = BCE-with-logits(M(E(x̂)), 1 - modality)``: the encoder is
+   trained to make M call CT "MRI" and MRI "CT". This flipped-label form is the
+   usual non-saturating replacement for minimising ``-L_disc`` (GANs, ADDA): it
+   has the same fixed point (M at chance) but does not vanish when M is
+   confident, which is exactly when the encoder needs a gradient. M's weights
+   are frozen during this step, so only the encoder learns from it.
+
+The validation loss scheduled on (``ReduceLROnPlateau``) and early-stopped on is
+the generator objective ``w_res·L_res + w_scale·L_scale + w_adv·L_adv_enc`` on the
+val split, with corruption and batches drawn from a generator re-seeded each
+epoch, so every epoch is scored on the same inputs. ``out`` receives the U-Net
+weights of the best validation epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sar3d import engine
+from sar3d.seeding import derive_seed, torch_generator
+
+log = logging.getLogger(__name__)
+
+# meta.csv scale index: 0 = 1/2 of the volume side, 1 = 1/4, 2 = 1/8
+SCALE_INDEX = {"s2": 0, "s4": 1, "s8": 2}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Which terms of the SAR objective a method trains, and on which cube scales."""
+
+    name: str
+    scale_loss: bool
+    adversarial: bool
+    scales: tuple[int, ...] | None = None  # None = every scale in the cube shards
+
+
+METHODS: dict[str, MethodSpec] = {
+    "genesis": MethodSpec("genesis", scale_loss=False, adversarial=False),
+    "sa": MethodSpec("sa", scale_loss=True, adversarial=False),
+    "mial": MethodSpec("mial", scale_loss=False, adversarial=True),
+    "sar": MethodSpec("sar", scale_loss=True, adversarial=True),
+    **{
+        f"sar_{tag}": MethodSpec(f"sar_{tag}", scale_loss=False, adversarial=True, scales=(index,))
+        for tag, index in SCALE_INDEX.items()
+    },
+}
+
+
+def method_spec(method: str) -> MethodSpec:
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown pre-training method {method!r} (known: {', '.join(METHODS)})") from None
+
+
+@dataclass
+class PretrainModels:
+    unet: nn.Module
+    scale_head: nn.Module | None
+    discriminator: nn.Module | None
+
+    def as_dict(self) -> dict[str, nn.Module]:
+        out = {"unet": self.unet, "scale_head": self.scale_head, "discriminator": self.discriminator}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def build_models(config: dict[str, Any], spec: MethodSpec, device: torch.device) -> PretrainModels:
+    """U-Net and the heads the method needs, initialised from seeds.
+
+    The U-Net's initial weights depend on the study seed only (not the method),
+    so ablations differ in their objective, not in their starting point.
+    """
+    from sar3d.networks import ModalityDiscriminator, ScaleHead, UNet3D
+
+    seed = config["seed"]
+    torch.manual_seed(derive_seed(seed, "pretrain", "init", "unet"))
+    unet = UNet3D(in_channels=1, out_channels=1, width=config["pretrain"]["width"], final_activation="sigmoid")
+    channels = list(unet.encoder_channels)
+    head = disc = None
+    if spec.scale_loss:
+        torch.manual_seed(derive_seed(seed, "pretrain", "init", "scale_head"))
+        head = ScaleHead(channels[-1], n_classes=3)
+    if spec.adversarial:
+        torch.manual_seed(derive_seed(seed, "pretrain", "init", "discriminator"))
+        disc = ModalityDiscriminator(channels)
+    models = PretrainModels(unet, head, disc)
+    for name, module in models.as_dict().items():
+        setattr(models, name, engine.prepare_model(module, device))
+    return models
+
+
+def build_optimizers(config: dict[str, Any], models: PretrainModels) -> dict[str, torch.optim.Optimizer]:
+    """SGD with momentum: U-Net and scale head together (one generator step), the discriminator apart."""
+    opt_cfg = config["pretrain"]["optimizer"]
+    lr, momentum = opt_cfg["lr"], opt_cfg["momentum"]
+    groups = [{"params": list(models.unet.parameters()), "lr": lr["unet"], "name": "unet"}]
+    if models.scale_head is not None:
+        groups.append({"params": list(models.scale_head.parameters()), "lr": lr["scale_head"], "name": "scale_head"})
+    optimizers = {"main": torch.optim.SGD(groups, lr=lr["unet"], momentum=momentum)}
+    if models.discriminator is not None:
+        optimizers["discriminator"] = torch.optim.SGD(
+            [{"params": list(models.discriminator.parameters()), "lr": lr["discriminator"], "name": "discriminator"}],
+            lr=lr["discriminator"], momentum=momentum,
+        )
+    return optimizers
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the batch: the method, loss weights, device and precision."""
+
+    spec: MethodSpec
+    weights: dict[str, float]
+    device: torch.device
+    amp: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+
+def _disc_terms(
+    disc: nn.Module, feats: list[torch.Tensor], modality: torch.Tensor, flip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE-with-logits of the discriminator against the modality (``flip``: against the other modality)."""
+    logits = disc(feats).float().reshape(-1)
+    target = modality.float()
+    return F.binary_cross_entropy_with_logits(logits, 1.0 - target if flip else target), logits
+
+
+def generator_losses(
+    models: PretrainModels, ctx: StepContext, feats: list[torch.Tensor], target: torch.Tensor,
+    scale: torch.Tensor, modality: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted generator objective and its terms (detached) for one batch of encoder features."""
+    w = ctx.weights
+    out = models.unet.decode(feats)
+    terms: dict[str, torch.Tensor] = {"loss_res": F.mse_loss(out.float(), target.float())}
+    total = w["restoration"] * terms["loss_res"]
+    if models.scale_head is not None:
+        logits = models.scale_head(feats[-1]).float()
+        terms["loss_scale"] = F.cross_entropy(logits, scale)
+        terms["acc_scale"] = (logits.argmax(dim=1) == scale).float().mean()
+        total = total + w["scale"] * terms["loss_scale"]
+    if models.discriminator is not None:
+        terms["loss_adv_enc"], _ = _disc_terms(models.discriminator, feats, modality, flip=True)
+        total = total + w["adversarial"] * terms["loss_adv_enc"]
+    terms["loss_total"] = total
+    return total, {k: v.detach() for k, v in terms.items()}
+
+
+def train_step(
+    models: PretrainModels, optimizers: dict[str, torch.optim.Optimizer], ctx: StepContext,
+    x_hat: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, modality: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """One round of the two-player game (discriminator step, then generator step).
+
+    Returns the terms as detached 0-d tensors on the device: converting each to a
+    float here would synchronise with the GPU every step.
+    """
+    scaler = ctx.scaler or torch.amp.GradScaler(ctx.device.type, enabled=False)
+    metrics: dict[str, torch.Tensor] = {}
+    with engine.autocast(ctx.device, ctx.amp):
+        feats = models.unet.encode(x_hat)
+    disc = models.discriminator
+    if disc is not None:
+        opt = optimizers["discriminator"]
+        opt.zero_grad(set_to_none=True)
+        with engine.autocast(ctx.device, ctx.amp):
+            loss_disc, logits = _disc_terms(disc, [f.detach() for f in feats], modality, flip=False)
+        scaler.scale(loss_disc).backward()
+        scaler.step(opt)
+        metrics["loss_disc"] = loss_disc.detach()
+        metrics["acc_disc"] = ((logits.detach() > 0).long() == modality).float().mean()
+        disc.requires_grad_(False)  # the generator step must not move M
+    try:
+        opt = optimizers["main"]
+        opt.zero_grad(set_to_none=True)
+        with engine.autocast(ctx.device, ctx.amp):
+            total, terms = generator_losses(models, ctx, feats, target, scale, modality)
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
+    finally:
+        if disc is not None:
+            disc.requires_grad_(True)
+    metrics.update(terms)
+    return metrics
+
+
+@torch.no_grad()
+def eval_step(
+    models: PretrainModels, ctx: StepContext,
+    x_hat: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, modality: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Every term of :func:`train_step` without updating anything."""
+    with engine.autocast(ctx.device, ctx.amp):
+        feats = models.unet.encode(x_hat)
+        _, terms = generator_losses(models, ctx, feats, target, scale, modality)
+        metrics = dict(terms)
+        if models.discriminator is not None:
+            loss_disc, logits = _disc_terms(models.discriminator, feats, modality, flip=False)
+            metrics["loss_disc"] = loss_disc
+            metrics["acc_disc"] = ((logits > 0).long() == modality).float().mean()
+    return {k: v.detach() for k, v in metrics.items()}
+
+
+def corrupt_batch(
+    transform: Any, batch: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Non-blocking copy to the device, then the batched Models Genesis corruption there (seeded)."""
+    x_hat, target = transform(engine.to_device(batch["cube"], device, volume=False), generator)
+    return (
+        engine.to_device(x_hat, device),
+        engine.to_device(target, device),
+        engine.to_device(batch["scale"].long(), device, volume=False),
+        engine.to_device(batch["modality"].long(), device, volume=False),
+    )
+
+
+def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out: Path, checkpoint: Path) -> None:
+    """Pre-train one method on the cube shards; write the best U-Net state dict and the full checkpoint."""
+    from sar3d.loader import make_pretrain_loader, open_cube_store
+    from sar3d.networks import count_parameters
+    from sar3d.tracking import tracked_run
+    from sar3d.transforms import GenesisConfig, GenesisTransform
+
+    spec = method_spec(method)
+    pcfg = config["pretrain"]
+    seed = config["seed"]
+    engine.set_determinism()
+    device = engine.resolve_device(pcfg["device"])
+    amp = engine.resolve_precision(pcfg["precision"], device)
+    scales = list(spec.scales) if spec.scales is not None else None
+    dirs = [Path(d) for d in cube_dirs]
+    train_store = open_cube_store(dirs, "train", scales)
+    val_store = open_cube_store(dirs, "val", scales)
+    validation_on = "val"
+    if len(val_store) == 0:  # too few cases for a val split: score on fixed train batches instead
+        log.warning("no validation cubes in %s; validating on fixed training batches", [str(d) for d in dirs])
+        val_store, validation_on = train_store, "train (no val cubes)"
+    transform = GenesisTransform(GenesisConfig.from_config(pcfg["transforms"]))
+    pin = engine.pin_memory_default(device)
+
+    models = build_models(config, spec, device)
+    optimizers = build_optimizers(config, models)
+    schedulers = {
+        k: torch.optim.lr_scheduler.ReduceLROnPlateau(
+            o, mode="min", factor=pcfg["plateau"]["factor"], patience=pcfg["plateau"]["patience"]
+        )
+        for k, o in optimizers.items()
+    }
+    scaler = engine.make_grad_scaler(device, amp)
+    ctx = StepContext(spec, dict(pcfg["loss_weights"]), device, amp, scaler)
+    stopper = engine.EarlyStopping(pcfg["early_stopping_patience"])
+    job = engine.Fit(
+        models=models.as_dict(), optimizers=optimizers, schedulers=schedulers, stopper=stopper,
+        checkpoint=Path(checkpoint),
+        fingerprint=engine.fingerprint(
+            {"seed": seed, "method": method, "pretrain": pcfg, "cubes": sorted(d.name for d in dirs)}
+        ),
+        epochs=pcfg["epochs"], keep_best=("unet",), scaler=scaler,
+    )
+    batch_seed = derive_seed(seed, "pretrain", method, "batches")
+
+    def train_epoch(epoch: int) -> tuple[dict[str, float], dict[str, float]]:
+        generator = torch_generator(seed, "pretrain", method, "corrupt", epoch, device=device)
+        loader = make_pretrain_loader(
+            train_store, pcfg["batch_size"], batch_seed, epoch, pcfg["steps_per_epoch"],
+            num_workers=pcfg["num_workers"], pin_memory=pin,
+        )
+        meter = engine.EpochMeter()
+        batches = iter(loader)
+        for _ in engine.progress(range(pcfg["steps_per_epoch"]), pcfg["steps_per_epoch"], f"{method} {epoch}"):
+            with meter.wait():
+                batch = next(batches)
+            tensors = corrupt_batch(transform, batch, generator, device)
+            meter.update(train_step(models, optimizers, ctx, *tensors))
+            meter.add_step(int(batch["cube"].shape[0]))
+        return meter.means(), meter.timing("cubes")
+
+    val_seed = derive_seed(seed, "pretrain", "val", "batches")
+
+    def validate(epoch: int) -> tuple[dict[str, float], float]:
+        generator = torch_generator(seed, "pretrain", "val", "corrupt", device=device)  # same every epoch
+        loader = make_pretrain_loader(
+            val_store, pcfg["batch_size"], val_seed, 0, pcfg["val_steps"], num_workers=0, pin_memory=pin
+        )
+        meter = engine.EpochMeter()
+        for batch in loader:
+            meter.update(eval_step(models, ctx, *corrupt_batch(transform, batch, generator, device)))
+        metrics = meter.means()
+        return metrics, metrics["loss_total"]
+
+    identity = {"method": method}
+    with tracked_run(config, "pretrain", identity) as run:
+        run.tags({
+            "device": str(device), "precision": str(amp or "fp32"),
+            "n_train_cubes": len(train_store), "validation_on": validation_on,
+            **{f"parameters_{k}": count_parameters(m) for k, m in models.as_dict().items()},
+        })
+        state = engine.fit(job, train_epoch, validate, run)
+        engine.save_state_dict(Path(out), state.best_weights["unet"])
+        run.metrics(engine.final_metrics(state, stopper, pcfg["epochs"]))
+        run.artifact(out)
