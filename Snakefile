@@ -26,4 +26,4 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        table2_outputs(),
+        report_outputs(),

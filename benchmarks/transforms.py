@@ -4,6 +4,8 @@ Run on demand: ``python benchmarks/transforms.py [--batch 32] [--repeats 5]``.
 Prints one table and writes ``benchmarks/out/transforms.json``. Each number is
 the best of ``--repeats`` timed runs (the least disturbed by other processes),
 after one warm-up run; the public per-cube reference does about 24 cubes/s.
+glibc is told to keep freed memory (:func:`sar3d.engine.keep_freed_memory`),
+as ``sar3d pretrain`` and its loader workers do.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sar3d.engine import keep_freed_memory
 from sar3d.seeding import torch_generator
 from sar3d.transforms import (
     GenesisConfig,
@@ -71,6 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # as `sar3d pretrain` and its loader workers do on CPU
     results: dict[str, dict[str, float]] = {"cpu (1 thread)": bench(torch.device("cpu"), args.batch, args.repeats)}
     if torch.cuda.is_available():
         results[f"cuda ({torch.cuda.get_device_name(0)})"] = bench(torch.device("cuda"), args.batch, args.repeats)

@@ -108,15 +108,24 @@ def test_finetune_scratch_then_evaluate(config, pancreas, tmp_path):
         assert len(_history(config, key, metric)) == 2, metric
 
     csv = tmp_path / "eval" / "fold0.csv"
-    run_evaluate(config, "pancreas", "scratch", 1.0, 0, pancreas / "fold0.json", pancreas, out, csv)
+    preds = tmp_path / "eval" / "fold0_pred"
+    run_evaluate(config, "pancreas", "scratch", 1.0, 0, pancreas / "fold0.json", pancreas, out, csv, preds)
     frame = pd.read_csv(csv)
     assert list(frame.columns) == CSV_COLUMNS
     assert len(frame) == 2 * 2  # 2 test cases x 2 classes
     assert set(frame["class"]) == {"organ", "tumour"}
     assert frame["size_bucket"].isna().all()  # pancreas has no buckets
     assert ((frame["dice"].dropna() >= 0) & (frame["dice"].dropna() <= 1)).all()
+    # HD95 is NaN exactly where a mask is empty; one-sided emptiness is flagged
+    one_empty = (frame["dice"] == 0) & frame["hd95_undefined"]
+    assert (frame["hd95_mm"].isna() == (frame["dice"].isna() | one_empty)).all()
+    assert (frame["hd95_mm"].dropna() >= 0).all()
     side = json.loads(sidecar_path(csv).read_text())
     assert side["bucket_rule"] is None and side["n_cases"] == 2
+    client = mlflow.MlflowClient(tracking_uri=config["tracking"]["uri"])
+    assert client.get_run(side["mlflow_run_id"]).data.tags["stage"] == "evaluate"
+    saved = sorted(p.name for p in preds.iterdir())  # first save_predictions (2) test cases
+    assert saved == ["pancreas_005.nii.gz", "pancreas_006.nii.gz"]
 
 
 def test_finetune_from_pretrained_skips_output_layer(config, pancreas, brain, tmp_path):

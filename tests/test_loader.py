@@ -1,4 +1,4 @@
-"""Pre-training loader: memory-mapped shards, balanced batches, per-epoch reproducibility."""
+"""Pre-training loader: memory-mapped shards, balanced batches, per-epoch reproducibility, ranks, workers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from sar3d.loader import BalancedBatchSampler, make_pretrain_loader, open_cube_store
+from sar3d.loader import (
+    BalancedBatchSampler,
+    PretrainBatches,
+    batch_generator,
+    make_pretrain_loader,
+    open_cube_store,
+)
+from sar3d.transforms import GenesisConfig, GenesisTransform
 
 SIZE = (4, 4, 2)
 
@@ -115,3 +122,34 @@ def test_loader_yields_dict_batches_with_workers(dirs: list[Path]) -> None:
     for batch in batches:
         assert set(batch) == {"cube", "scale", "modality"}
         assert batch["cube"].shape == (6, 1, *SIZE)
+
+
+def test_ranks_draw_different_batches_that_tile_the_single_process_epoch(dirs: list[Path]) -> None:
+    store = open_cube_store(dirs, "train")
+    whole = [cube_id(b) for b in make_pretrain_loader(store, batch_size=8, seed=1, epoch=0, steps=6)]
+    ranks = [[cube_id(b) for b in make_pretrain_loader(store, batch_size=8, seed=1, epoch=0, steps=3,
+                                                       rank=r, world_size=2)] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3 and ranks[0] != ranks[1]
+    assert [b for pair in zip(*ranks, strict=True) for b in pair] == whole  # rank r takes batches r, r+2, ...
+    with pytest.raises(ValueError, match="rank"):
+        PretrainBatches(store, 8, 1, 0, 3, rank=2, world_size=2)
+
+
+def test_corruption_in_workers_is_seeded_per_batch_not_per_worker(dirs: list[Path]) -> None:
+    store = open_cube_store(dirs, "train")
+    transform = GenesisTransform(GenesisConfig(local_shuffle_windows=20, local_shuffle_max_window=(2, 2, 1)))
+
+    def epoch(epoch: int, workers: int) -> list[dict[str, torch.Tensor]]:
+        return list(make_pretrain_loader(store, 6, seed=1, epoch=epoch, steps=4, num_workers=workers,
+                                         corrupt=transform, corrupt_seed=7))
+
+    in_process, in_workers = epoch(0, 0), epoch(0, 2)
+    for a, b in zip(in_process, in_workers, strict=True):
+        assert set(a) == set(b) == {"x_hat", "target", "scale", "modality"}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # batch 2 of epoch 0 is exactly the transform under that batch's own generator
+    raw = list(make_pretrain_loader(store, 6, seed=1, epoch=0, steps=4))[2]["cube"]
+    x_hat, target = transform(raw, batch_generator(7, 0, 2))
+    assert torch.equal(in_process[2]["x_hat"], x_hat) and torch.equal(in_process[2]["target"], target)
+    assert not torch.equal(x_hat, target)
+    assert not torch.equal(epoch(1, 0)[2]["x_hat"], x_hat)

@@ -283,3 +283,93 @@ def test_same_seed_same_weights_and_exact_resume(shared, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "save_checkpoint", real_save)
     resumed = pretrain("d")
     assert all(torch.equal(first[k], resumed[k]) for k in first)
+
+
+def test_distributed_settings_from_torchrun_env():
+    single = engine.Distributed.from_env({})
+    assert (single.rank, single.world_size, single.enabled, single.is_main) == (0, 1, False, True)
+    assert engine.init_distributed(single, torch.device("cpu")) == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+    second = engine.Distributed.from_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"})
+    assert (second.local_rank, second.enabled, second.is_main) == (1, True, False)
+    with pytest.raises(ValueError, match="RANK"):
+        engine.Distributed.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    model = torch.nn.Linear(2, 1)
+    assert engine.wrap_ddp(model, single, torch.device("cpu")) is model
+
+
+@pytest.mark.parametrize("is_main", [True, False])
+def test_only_the_main_rank_checkpoints_and_logs(tmp_path, is_main):
+    class Recorder:
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def metrics(self, values: dict[str, float], step: int) -> None:
+            self.steps.append(step)
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    job = engine.Fit(
+        models={"unet": model}, optimizers={"main": opt},
+        schedulers={"main": torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, stopper=engine.EarlyStopping(5),
+        checkpoint=tmp_path / "checkpoint.pt", fingerprint="f", epochs=2, is_main=is_main,
+    )
+    logger = Recorder()
+    state = engine.fit(job, lambda epoch: ({"loss": 1.0}, {}), lambda epoch: ({"loss": 1.0}, 1.0 - epoch), logger)
+    assert state.epoch == 2 and state.finished
+    assert (tmp_path / "checkpoint.pt").exists() == is_main
+    assert logger.steps == ([0, 1] if is_main else [])
+
+
+def _ddp_rank(rank: int, world: int, port: int, root: Path, dirs: list[Path], out: Path) -> None:
+    """One torchrun-like rank on CPU (gloo): two SAR steps on its own batches through DDP."""
+    import os
+
+    from sar3d.pretrain import GeneratorNet
+
+    torch.set_num_threads(1)  # forked from a process that may have used OpenMP threads
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    dist = engine.Distributed.from_env()
+    device = engine.init_distributed(dist, torch.device("cpu"))
+    try:
+        config = make_config(root)
+        spec = method_spec("sar")
+        models = build_models(config, spec, device)
+        optimizers = build_optimizers(config, models)
+        ctx = StepContext(spec, dict(config["pretrain"]["loss_weights"]), device,
+                          generator_net=engine.wrap_ddp(GeneratorNet(models.unet, models.scale_head), dist, device),
+                          discriminator_net=engine.wrap_ddp(models.discriminator, dist, device))
+        transform = GenesisTransform(GenesisConfig.from_config(config["pretrain"]["transforms"]))
+        targets = []
+        for batch in make_pretrain_loader(open_cube_store(dirs, "train"), 4, 0, 0, 2, rank=dist.rank,
+                                          world_size=dist.world_size, corrupt=transform, corrupt_seed=1):
+            targets.append(batch["target"])
+            train_step(models, optimizers, ctx, *corrupt_batch(transform, batch, None, device))
+        engine.sync_buffers(models.as_dict().values(), dist)  # as run_pretrain does after each epoch
+        torch.save({"state": {k: v for m in models.as_dict().values() for k, v in m.state_dict().items()},
+                    "targets": torch.stack(targets)}, out / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_train_in_lockstep_on_different_batches(shared, tmp_path):
+    """DDP on CPU: after two steps on different cubes both ranks hold the same (updated) weights.
+
+    Without gradient averaging the parameters would differ (different batches);
+    without :func:`engine.sync_buffers` the BatchNorm statistics would.
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_ddp_rank, args=(2, port, shared["root"], shared["dirs"], tmp_path), nprocs=2,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["targets"], ranks[1]["targets"])  # each rank drew its own batches
+    assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
+    initial = build_models(make_config(shared["root"]), method_spec("sar"), torch.device("cpu")).unet.state_dict()
+    assert any(not torch.equal(initial[k], ranks[0]["state"][k]) for k in initial)

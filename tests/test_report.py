@@ -1,7 +1,8 @@
-"""Table 2 from hand-written evaluation CSVs: numbers, order, buckets and missing folds."""
+"""Tables 2-4 from hand-written evaluation CSVs: numbers, order, buckets, missing cells, best mark, statistics."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,14 @@ def _expected(paths: list[Path], task: str, init: str, cls: str, bucket: str | N
     return float(np.mean(per_fold)), float(np.std(per_fold, ddof=1))
 
 
+def _first_table_body(md: str) -> list[str]:
+    """Body rows of the first Markdown table (the values; the comparison table follows)."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Init")) + 2
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("| "))
+    return lines[start:end]
+
+
 def test_table2_numbers_order_and_missing_fold(config, evaluations, tmp_path):
     out_csv, out_md = tmp_path / "tables" / "table2.csv", tmp_path / "tables" / "table2.md"
     run_report(config, evaluations, out_csv, out_md)
@@ -115,7 +124,7 @@ def test_table2_numbers_order_and_missing_fold(config, evaluations, tmp_path):
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "Init", "Tumour S", "Tumour M", "Tumour L", "Tumour all", "Organ", "Tumour"
     ]
-    body = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| Init")]
+    body = _first_table_body(md)
     assert [line.split("|")[1].strip() for line in body] == ["Scratch", "Genesis", "SAR"]
     sar_cells = [c.strip() for c in body[2].strip("|").split("|")]
     assert sar_cells[5].startswith("—") and sar_cells[6].startswith("—")  # missing fold: dash, not a number
@@ -127,7 +136,7 @@ def test_table2_numbers_order_and_missing_fold(config, evaluations, tmp_path):
     assert "pancreas** (Organ, Tumour): 3 cross-validation folds" in md
 
 
-def test_absent_task_columns_omitted_and_empty_bucket_footnoted(config, tmp_path):
+def test_absent_task_is_dashed_and_empty_bucket_footnoted(config, tmp_path):
     rng = np.random.default_rng(1)
     paths = []
     for init in ["scratch", "genesis", "sar"]:
@@ -138,10 +147,141 @@ def test_absent_task_columns_omitted_and_empty_bucket_footnoted(config, tmp_path
             paths.append(_write(tmp_path / "eval", "brain_tumour", init, 1.0, fold, rows))
     out_csv, out_md = tmp_path / "t.csv", tmp_path / "t.md"
     run_report(config, paths, out_csv, out_md)
-    table = pd.read_csv(out_csv)
-    assert set(table.task) == {"brain_tumour"}
+    table = pd.read_csv(out_csv, dtype={"missing_folds": str}, keep_default_na=False, na_values=[""])
+    organ = table[table.column == "Organ"]
+    assert len(organ) == 3 and organ["mean"].isna().all() and (organ["missing_folds"] == "0 1 2").all()
     md = out_md.read_text()
-    assert "Organ" not in md
+    organ_col = _first_table_body(md)[0].strip("|").split("|")[5]
+    assert organ_col.strip().startswith("—")  # a task whose jobs all failed is dashed, not dropped
+    assert "Scratch, pancreas Organ: no evaluation for fold(s) 0 1 2" in md
     small = table[(table.column == "Tumour S") & (table.init == "scratch")].iloc[0]
     assert small["n_folds"] == 2
-    assert "fold(s) 1 have no test case in this group" in md
+    assert "fold(s) 1 have no test case with a value in this group" in md
+
+
+# --------------------------------------------------------------------------- best cell, statistics, run ids
+
+FOLD_DICE = {"scratch": [0.70, 0.74, 0.72], "genesis": [0.78, 0.80, 0.77], "sar": [0.81, 0.83, 0.80]}
+
+
+def _constant_rows(task: str, dice: float) -> list[dict[str, Any]]:
+    """Every case of a fold with the same Dice, so the per-fold mean is known exactly."""
+    if task == "brain_tumour":
+        return [{"case": f"b{i}", "class": "whole_tumour", "dice": dice, "hd95_mm": 10 * (1 - dice),
+                 "size_bucket": b} for i, b in enumerate(["small", "medium", "large"])]
+    return [{"case": "p0", "class": cls, "dice": dice * f, "hd95_mm": 5.0, "size_bucket": ""}
+            for cls, f in [("organ", 1.0), ("tumour", 0.5)]]
+
+
+def _grid(folder: Path, config: dict[str, Any], skip: set[tuple[str, str, int]] = frozenset(),
+          ratios: tuple[float, ...] = (1.0,), fold_dice: dict[str, list[float]] = FOLD_DICE) -> list[Path]:
+    files = []
+    for init, per_fold in fold_dice.items():
+        for task in ("brain_tumour", "pancreas"):
+            for ratio in ratios:
+                for fold, dice in enumerate(per_fold):
+                    if (task, init, fold) not in skip:
+                        files.append(_write(folder, task, init, ratio, fold, _constant_rows(task, dice * ratio)))
+    return files
+
+
+def test_best_flag_t_test_and_bootstrap(config, tmp_path):
+    from scipy import stats
+
+    from sar3d.report import read_grid, write_table
+
+    # genesis misses fold 2 of the brain task; its value must not win a column, even if higher
+    fold_dice = {**FOLD_DICE, "genesis": [0.95, 0.96, 0.97]}
+    files = _grid(tmp_path / "eval", config, skip={("brain_tumour", "genesis", 2)}, fold_dice=fold_dice)
+    grid = read_grid(config, files)
+    table = write_table(config, "table2", grid, tmp_path / "t2.csv", tmp_path / "t2.md")
+    again = write_table(config, "table2", grid, tmp_path / "t2b.csv", tmp_path / "t2b.md")
+    assert (tmp_path / "t2.csv").read_text() == (tmp_path / "t2b.csv").read_text()  # seeded bootstrap
+    assert again.equals(table)
+
+    brain_all = table[table.column == "Tumour all"].set_index("init")
+    assert brain_all.loc["sar", "best"] and not brain_all.loc["genesis", "best"]
+    assert brain_all.loc["genesis", "mean"] == pytest.approx(95.5)  # over the 2 folds present
+    assert table[table.column == "Organ"].set_index("init").loc["genesis", "best"]  # complete there
+
+    sar, scratch = np.array(FOLD_DICE["sar"]) * 100, np.array(FOLD_DICE["scratch"]) * 100
+    row = brain_all.loc["scratch"]
+    assert row["mean_diff"] == pytest.approx(sar.mean() - scratch.mean())
+    assert row["p_value"] == pytest.approx(stats.ttest_ind(sar, scratch, equal_var=False).pvalue)
+    assert row["ci_low"] <= row["mean_diff"] <= row["ci_high"]
+    # independent resampling: any bootstrap difference lies in [min(sar) - max(scratch), max(sar) - min(scratch)]
+    assert sar.min() - scratch.max() - 1e-9 <= row["ci_low"] and row["ci_high"] <= sar.max() - scratch.min() + 1e-9
+    assert np.isnan(brain_all.loc["sar", "p_value"])  # the reference is not compared with itself
+    genesis = np.array([95.0, 96.0])  # the two folds present are compared
+    assert brain_all.loc["genesis", "p_value"] == pytest.approx(stats.ttest_ind(sar, genesis, equal_var=False).pvalue)
+
+    md = (tmp_path / "t2.md").read_text()
+    sar_line = next(line for line in _first_table_body(md) if line.startswith("| SAR "))
+    assert f"**{sar.mean():.2f} ± {sar.std(ddof=1):.2f}**" in sar_line
+    assert "## SAR vs each other initialisation" in md and "Welch's" in md
+    p = stats.ttest_ind(sar, scratch, equal_var=False).pvalue
+    assert f"Δ {sar.mean() - scratch.mean():+.2f} [" in md and (f"p {p:.3f}" in md or "p < 0.001" in md)
+
+    hd = write_table(config, "table2_hd95", grid, tmp_path / "h.csv", tmp_path / "h.md")
+    hd_all = hd[hd.column == "Tumour all"].set_index("init")
+    assert hd_all.loc["sar", "best"]  # lowest distance wins
+    assert hd_all.loc["scratch", "mean"] == pytest.approx(np.mean([10 * (1 - d) for d in FOLD_DICE["scratch"]]))
+
+
+def test_partial_grid_from_existing_files_with_run_ids(config, tmp_path):
+    from sar3d.report import read_grid, write_table
+    from sar3d.tracking import tracked_run
+
+    config = {**config, "results_dir": str(tmp_path / "results")}
+    eval_dir = tmp_path / "results" / "eval"
+    files = _grid(eval_dir, config, skip={("pancreas", "sar", 1)})
+    for f in files:  # the sidecar that evaluation writes, with its run id
+        f.with_suffix(".json").write_text(json.dumps({"mlflow_run_id": f"run-{f.parent.parent.name}-{f.stem}"}))
+    identity = {"task": "pancreas", "init": "scratch", "ratio": 1.0, "fold": 0}
+    with tracked_run(config, "finetune", identity, params={}) as run:
+        finetune_id = run.run_id
+
+    grid = read_grid(config)  # no file list: whichever expected files exist
+    table = write_table(config, "table2", grid, tmp_path / "t.csv", tmp_path / "t.md")
+    organ = table[table.column == "Organ"].set_index("init")
+    assert organ.loc["sar", "missing_folds"] == "1" and organ.loc["sar", "n_folds"] == 2
+    assert organ.loc["scratch", "eval_run_ids"] == "run-scratch-fold0 run-scratch-fold1 run-scratch-fold2"
+    assert organ.loc["scratch", "finetune_run_ids"].split() == [finetune_id, "-", "-"]
+    md = (tmp_path / "t.md").read_text()
+    assert "SAR, pancreas Organ: no evaluation for fold(s) 1" in md
+
+
+def test_table3_only_when_configured_and_table4_with_figure(config, tmp_path):
+    from sar3d.report import configured_tables, read_grid, write_table
+
+    assert "table3" not in configured_tables(config)
+    ablation = load_config(REPO / "config.yaml", {
+        "results_dir": config["results_dir"], "tracking": config["tracking"],
+        "pretrain": {"methods": ["genesis", "sar", "sar_s2", "sar_s8"]},
+        "finetune": {"inits": ["scratch", "sar_s2", "sar_s8", "sar"], "label_ratios": [1, 0.5]},
+        "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
+    })
+    assert configured_tables(ablation) == ["table2", "table2_hd95", "table3", "table4"]
+    fold_dice = {"scratch": FOLD_DICE["scratch"], "sar_s2": [0.75, 0.76, 0.77], "sar_s8": [0.6, 0.61, 0.62],
+                 "sar": FOLD_DICE["sar"]}
+    grid = read_grid(ablation, _grid(tmp_path / "eval", ablation, ratios=(1.0, 0.5), fold_dice=fold_dice))
+
+    t3 = write_table(ablation, "table3", grid, tmp_path / "t3.csv", tmp_path / "t3.md")
+    assert list(dict.fromkeys(t3.init)) == ["sar_s2", "sar_s8", "sar"] and set(t3.task) == {"brain_tumour"}
+    body = _first_table_body((tmp_path / "t3.md").read_text())
+    assert [line.split("|")[1].strip() for line in body] == ["SAR (1/2 only)", "SAR (1/8 only)", "SAR"]
+    t2 = write_table(ablation, "table2", grid, tmp_path / "t2.csv", tmp_path / "t2.md")
+    assert set(t2.init) == {"scratch", "sar"}  # single-scale ablations belong to Table 3
+
+    out_csv, out_md = tmp_path / "t4.csv", tmp_path / "t4.md"
+    figs = [tmp_path / "fig" / "t4.png", tmp_path / "fig" / "t4.svg"]
+    run_report(ablation, None, out_csv, out_md, table="table4", figure=figs)  # nothing under results: all dashes
+    assert pd.read_csv(out_csv)["mean"].isna().all()
+    t4 = write_table(ablation, "table4", grid, out_csv, out_md)
+    assert list(dict.fromkeys(t4.column)) == ["Tumour all 1", "Tumour all 1/2", "Average 1", "Average 1/2"]
+    avg = t4[(t4.column == "Average 1/2") & (t4.init == "sar")].iloc[0]
+    per_fold = [100 * (d * 0.5 + d * 0.5 * 0.5) / 2 for d in FOLD_DICE["sar"]]  # mean of organ and tumour
+    assert avg["mean"] == pytest.approx(np.mean(per_fold)) and avg["std"] == pytest.approx(np.std(per_fold, ddof=1))
+    for fig in figs:
+        assert fig.stat().st_size > 1000
+    assert figs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -31,6 +31,7 @@ from sar3d.transforms import (
     random_flip,
     shuffle_in_windows,
     shuffle_windows,
+    uniform_noise,
 )
 
 CFG = GenesisConfig()
@@ -223,11 +224,21 @@ def test_shuffle_rate_and_changes_stay_inside_windows() -> None:
 
 
 def test_shuffled_fraction_matches_reference() -> None:
-    """Fraction of voxels whose value changes, 32x32x16 cubes with the reference window scaling."""
-    n_windows, n_ours, n_ref = 1000, 200, 60
-    cubes = torch.rand(n_ours, 1, *SMALL, generator=gen(14))
-    origins, sizes = shuffle_windows(n_ours, SMALL, gen(15), n_windows, SMALL_WINDOW, "cpu")
-    ours = (shuffle_in_windows(cubes, origins, sizes, gen(16)) != cubes).float().mean().item()
+    """Fraction of voxels whose value changes, 32x32x16 cubes with the reference window scaling.
+
+    Ours is drawn in 10 calls of 20 cubes: windows of one call share its
+    permutation bank, which makes one call's mean fraction vary more than
+    independent windows would (by ~2% for these small windows); over calls the
+    mean is the reference's.
+    """
+    n_windows, n_calls, n_per_call, n_ref = 1000, 10, 20, 60
+    g = gen(15)
+    fractions = []
+    for _ in range(n_calls):
+        cubes = torch.rand(n_per_call, 1, *SMALL, generator=g)
+        origins, sizes = shuffle_windows(n_per_call, SMALL, g, n_windows, SMALL_WINDOW, "cpu")
+        fractions.append((shuffle_in_windows(cubes, origins, sizes, g) != cubes).float().mean().item())
+    ours = float(np.mean(fractions))
     rng = np.random.default_rng(17)
     ref = np.mean([
         (ref_shuffle(c, rng, n_windows, SMALL_WINDOW) != c).mean()
@@ -245,6 +256,43 @@ def test_default_window_count_at_full_size() -> None:
     c = rng.random((64, 64, 32), dtype=np.float32)
     ref = (ref_shuffle(c, rng, 10000, (6, 6, 3)) != c).mean()
     assert changed == pytest.approx(ref, abs=0.02)
+
+
+def _window_permutations(cubes: torch.Tensor, generator: torch.Generator) -> list[tuple[int, ...]]:
+    """Shuffle voxels 0..2 (a 3x1x1 window at the origin) of each 4x1x1 cube; return each cube's order."""
+    origins = torch.zeros((cubes.shape[0], 1, 3), dtype=torch.long)
+    sizes = torch.tensor([3, 1, 1]).expand(cubes.shape[0], 1, 3)
+    out = shuffle_in_windows(cubes, origins, sizes, generator)
+    assert torch.equal(out[:, 0, 3], cubes[:, 0, 3])  # outside the window
+    return [tuple(int(v) for v in row) for row in out[:, 0, :3, 0, 0]]
+
+
+def test_each_window_permutation_is_uniform_and_windows_are_not_all_alike() -> None:
+    """The permutation bank: marginally uniform over calls, and varied within one call."""
+    cube = torch.arange(4, dtype=torch.float32).reshape(1, 1, 4, 1, 1)
+    g = gen(40)
+    counts: dict[tuple[int, ...], int] = {}
+    for _ in range(600):  # one window per call: its permutation is a fresh bank draw every time
+        perm = _window_permutations(cube, g)[0]
+        counts[perm] = counts.get(perm, 0) + 1
+    assert set(counts) == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)}
+    expected = 600 / 6
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 20.5  # 5 degrees of freedom: P(chi2 > 20.5) ~ 0.001
+    within = _window_permutations(cube.repeat(300, 1, 1, 1, 1), gen(41))  # 300 windows, one call
+    assert len(set(within)) == 6
+
+
+def test_uniform_noise_is_uniform_on_the_16_bit_grid() -> None:
+    noise = uniform_noise((64, 1, 16, 16, 8), gen(42), "cpu")
+    assert noise.shape == (64, 1, 16, 16, 8) and noise.dtype == torch.float32
+    assert float(noise.min()) >= 0.0 and float(noise.max()) < 1.0
+    steps = noise * 65536
+    assert torch.equal(steps, steps.round())
+    hist = torch.histc(noise, bins=16, min=0.0, max=1.0) / noise.numel()
+    assert torch.allclose(hist, torch.full((16,), 1 / 16), atol=0.003)
+    assert not torch.equal(noise, uniform_noise((64, 1, 16, 16, 8), gen(43), "cpu"))
+    assert uniform_noise((3, 5), gen(42), "cpu", torch.float64).dtype == torch.float64
 
 
 # --------------------------------------------------------------------------- non-linear intensity

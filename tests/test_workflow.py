@@ -19,11 +19,12 @@ import yaml
 
 from tinystudy import REPO, tiny_study
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("workflow")]
 
 STAGES = (
     "tracking_init", "download", "normalise_pretrain", "normalise_task", "split_brain_tumour",
-    "split_pancreas", "cubes", "pretrain", "finetune", "evaluate", "report_table2",
+    "split_pancreas", "cubes", "pretrain", "finetune", "evaluate", "report_table2", "report_table4",
+    "figure_loss_curves", "figure_qualitative",
 )
 
 
@@ -80,6 +81,8 @@ def test_study_produces_table2(study: Path) -> None:
     for method in ("scratch", "genesis", "sar"):
         assert method in md.lower()
     assert len(table) >= 3
+    for name in ("loss_curves_pancreas", "qualitative_brain_tumour", "table4_label_ratios"):
+        assert (study / "results" / "figures" / f"{name}.png").stat().st_size > 1000, name
     # no finished-looking leftovers of atomic writes
     assert not list((study / "results").rglob("*.partial*"))
 
@@ -95,7 +98,9 @@ def test_changing_one_fold_reruns_only_its_dependents(study: Path) -> None:
     fold = study / "results" / "splits" / "pancreas" / "fold1.json"
     fold.write_text(fold.read_text() + "\n")
     jobs = planned_jobs(snakemake(study, "-n"))
-    assert jobs == {"finetune": 3, "evaluate": 3, "report_table2": 1, "all": 1}, jobs
+    assert jobs == {
+        "finetune": 3, "evaluate": 3, "report_table2": 1, "report_table4": 1, "figure_loss_curves": 1, "all": 1
+    }, jobs
 
 
 def test_mlflow_has_a_run_per_job_with_metrics(study: Path) -> None:

@@ -79,12 +79,38 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", type=Path, required=True)
         else:
             p.add_argument("--model", type=Path, required=True)
+            p.add_argument("--predictions", type=Path, default=None,
+                           help="folder for the first test cases' predicted masks (evaluate.save_predictions)")
 
-    p = sub.add_parser("report", help="the paper's Table 2 from evaluation files")
+    p = sub.add_parser("report", help="one of the paper's tables (2, 3, 4) from evaluation files")
     _add_common(p)
-    p.add_argument("--evaluations", type=Path, nargs="+", required=True)
-    p.add_argument("--out-csv", type=Path, required=True)
-    p.add_argument("--out-md", type=Path, required=True)
+    p.add_argument("--table", default="table2", choices=["table2", "table2_hd95", "table3", "table4"])
+    p.add_argument("--evaluations", type=Path, nargs="*", default=None,
+                   help="evaluation CSVs (default: whichever files of the config's grid exist)")
+    p.add_argument("--out-csv", type=Path, default=None, help="default: results/tables/<table>.csv")
+    p.add_argument("--out-md", type=Path, default=None, help="default: results/tables/<table>.md")
+    p.add_argument("--out-figure", type=Path, nargs="*", default=[], help="table4: figure files (.png, .svg)")
+
+    p = sub.add_parser("report-all", help="every table and figure from whichever evaluations exist (partial grids)")
+    _add_common(p)
+
+    p = sub.add_parser("figure", help="a figure: fine-tuning loss curves (Fig. 3) or qualitative predictions")
+    _add_common(p)
+    p.add_argument("--kind", required=True, choices=["loss", "qualitative"])
+    p.add_argument("--task", required=True)
+    p.add_argument("--out", type=Path, nargs="+", required=True, help="figure files (.png, .svg)")
+    p.add_argument("--data", type=Path, help="qualitative: the task's preprocessed folder")
+    p.add_argument("--split", type=Path, help="qualitative: the split whose first test cases are shown")
+    p.add_argument("--prediction", nargs=2, action="append", default=[], metavar=("INIT", "FOLDER"),
+                   help="qualitative: an init's saved predictions (repeat per init)")
+
+    p = sub.add_parser("compare", help="the study's runs side by side from MLflow (latest run per job)")
+    _add_common(p)
+    p.add_argument("--stages", nargs="*", default=[], help="only these stages (e.g. evaluate finetune)")
+    p.add_argument("--metrics", nargs="*", default=[], help="metric name globs (e.g. 'dice/*' 'final/*')")
+    p.add_argument("--mean", action="store_true", help="mean and std over folds")
+    p.add_argument("--all-runs", action="store_true", help="keep every run, not only each job's latest")
+    p.add_argument("--csv", type=Path, default=None, help="also write the table as CSV")
     return parser
 
 
@@ -133,12 +159,32 @@ def run(args: argparse.Namespace) -> None:
         from sar3d.evaluate import run_evaluate
 
         run_evaluate(
-            config, args.task, args.init, args.ratio, args.fold, args.split, args.data, args.model, args.out
+            config, args.task, args.init, args.ratio, args.fold, args.split, args.data, args.model, args.out,
+            args.predictions,
         )
     elif stage == "report":
         from sar3d.report import run_report
 
-        run_report(config, args.evaluations, args.out_csv, args.out_md)
+        run_report(config, args.evaluations, args.out_csv, args.out_md, args.table, args.out_figure)
+    elif stage == "report-all":
+        from sar3d.report import run_report_all
+
+        for written in run_report_all(config):
+            print(written)
+    elif stage == "figure":
+        from sar3d import figures
+
+        if args.kind == "loss":
+            figures.plot_loss_curves(config, args.task, args.out)
+        else:
+            if args.data is None or args.split is None:
+                raise SystemExit("sar3d figure --kind qualitative needs --data and --split")
+            predictions = {init: Path(folder) for init, folder in args.prediction}
+            figures.plot_qualitative(config, args.task, args.data, args.split, predictions, args.out)
+    elif stage == "compare":
+        from sar3d.compare import run_compare
+
+        run_compare(config, args.stages, args.metrics, args.mean, args.all_runs, args.csv)
     else:  # pragma: no cover - argparse restricts the choices
         raise SystemExit(f"unknown stage {stage}")
 

@@ -1,4 +1,4 @@
-"""Test-set evaluation of one fine-tuned model: Dice per (test case, class).
+"""Test-set evaluation of one fine-tuned model: Dice and HD95 per (test case, class).
 
 Inference is MONAI's ``sliding_window_inference`` over the whole preprocessed
 volume (roi = ``finetune.patch_size``, ``evaluate.sw_batch_size``,
@@ -6,23 +6,28 @@ volume (roi = ``finetune.patch_size``, ``evaluate.sw_batch_size``,
 sigmoid of its logit exceeds 0.5. Each class is its own channel (multi-label:
 pancreas ``organ`` = labels {1, 2}, ``tumour`` = {2}), as in fine-tuning.
 
-Dice conventions (per case and class, on the preprocessed voxel grid):
-
-* prediction and reference both non-empty: ``2|P∩R| / (|P| + |R|)``;
-* exactly one of them empty: 0 (a missed lesion or a hallucinated one);
-* both empty: NaN - the case says nothing about that class. Such rows stay in
-  the CSV, are excluded from every mean, and are counted (``n_empty/<class>``).
+Metrics and their empty-mask conventions are in :mod:`sar3d.metrics`: Dice is
+NaN when both masks are empty (excluded from means, counted ``n_empty/<class>``)
+and 0 when one is; ``hd95_mm`` (voxel spacing respected) is NaN when either is
+empty, and ``hd95_undefined`` flags the rows where exactly one is
+(``n_hd95_undefined/<class>``).
 
 ``volume_mm3`` is the reference volume of that class from the task manifest
 (measured on the original grid by normalisation). For tasks with
 ``size_buckets_mm3`` every row of a case carries the case's bucket, decided by
 the *first* class's volume with :func:`sar3d.splits.size_bucket`; the rule text
-(e.g. ``small < 4000 mm3 <= medium < 16000 mm3 <= large``) and the summary go
-to a sidecar ``<out without .csv>.json`` next to the CSV.
+(e.g. ``small < 4000 mm3 <= medium < 16000 mm3 <= large``), the summary and the
+evaluation's MLflow run id go to a sidecar ``<out without .csv>.json``.
+
+With a ``predictions`` folder, the predicted masks of the first
+``evaluate.save_predictions`` test cases are written there as
+``{case}.nii.gz`` (uint8, bit ``c`` set where class ``c`` is predicted, in the
+config's class order) for the qualitative figure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -34,12 +39,28 @@ import pandas as pd
 import torch
 
 from sar3d import engine
-from sar3d.io import InputDataError, atomic_output, check_same_grid, load_volume, read_json, voxel_spacing, write_json
+from sar3d.io import (
+    InputDataError,
+    atomic_output,
+    check_same_grid,
+    load_volume,
+    read_json,
+    save_volume,
+    voxel_spacing,
+    write_json,
+)
+from sar3d.metrics import dice_per_class, dice_score, hd95_mm, hd95_undefined
 from sar3d.paths import MANIFEST
+
+__all__ = ["CSV_COLUMNS", "dice_per_class", "dice_score", "run_evaluate"]  # dice_* re-exported for fine-tuning
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ["task", "init", "ratio", "fold", "case", "class", "dice", "volume_mm3", "size_bucket"]
+CSV_COLUMNS = [
+    "task", "init", "ratio", "fold", "case", "class", "dice", "hd95_mm", "hd95_undefined", "volume_mm3", "size_bucket",
+]
+# Added after the first studies were run: readers accept files without them.
+OPTIONAL_COLUMNS = ("hd95_mm", "hd95_undefined")
 
 
 # --------------------------------------------------------------------------- data shared with fine-tuning
@@ -69,6 +90,7 @@ def load_case(data: Path, entry: Mapping[str, Any], classes: Mapping[str, Sequen
         "image": image[None],
         "label": class_channels(np.rint(label), classes),
         "spacing": voxel_spacing(affine),
+        "affine": affine,
     }
 
 
@@ -81,24 +103,7 @@ def split_cases(split: Path, manifest: Mapping[str, Any], part: str) -> list[str
     return cases
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def dice_score(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
-    """Dice of two binary masks with the conventions of the module docstring (NaN / 0 / overlap)."""
-    p = torch.as_tensor(pred).bool()
-    r = torch.as_tensor(ref).bool()
-    n_p, n_r = int(p.sum()), int(r.sum())
-    if n_p == 0 and n_r == 0:
-        return math.nan
-    if n_p == 0 or n_r == 0:
-        return 0.0
-    return 2.0 * int((p & r).sum()) / (n_p + n_r)
-
-
-def dice_per_class(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> list[float]:
-    """:func:`dice_score` of every channel of ``(C, ...)`` masks."""
-    return [dice_score(pred[c], ref[c]) for c in range(len(ref))]
+# --------------------------------------------------------------------------- size buckets
 
 
 def bucket_rule(thresholds: Sequence[float]) -> str:
@@ -142,22 +147,34 @@ def predict_logits(
 # --------------------------------------------------------------------------- the stage
 
 
+def prediction_code(pred: torch.Tensor) -> np.ndarray:
+    """``(C, X, Y, Z)`` boolean masks -> one uint8 volume with bit ``c`` set where class ``c`` is predicted."""
+    weights = (2 ** torch.arange(len(pred), dtype=torch.int32)).view(-1, *([1] * (pred.ndim - 1)))
+    return (pred.to(torch.int32) * weights).sum(0).numpy().astype(np.uint8)
+
+
 def evaluate_cases(
     config: Mapping[str, Any], task: str, model: torch.nn.Module, data: Path,
     manifest: Mapping[str, Mapping[str, Any]], cases: Sequence[str], device: torch.device,
-    amp: torch.dtype | None,
+    amp: torch.dtype | None, predictions: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows ``case, class, dice, volume_mm3, size_bucket`` for every test case and class."""
+    """Rows ``case, class, dice, hd95_mm, hd95_undefined, volume_mm3, size_bucket`` for every test case and class.
+
+    The predicted masks of the first ``evaluate.save_predictions`` cases go to ``predictions`` when given.
+    """
     spec = config["tasks"][task]
     classes = spec["classes"]
     thresholds = spec.get("size_buckets_mm3")
     first = next(iter(classes))
+    n_save = config["evaluate"]["save_predictions"] if predictions is not None else 0
     rows = []
     model.eval()
-    for case in engine.progress(cases, len(cases), f"evaluate {task}"):
+    for index, case in enumerate(engine.progress(cases, len(cases), f"evaluate {task}")):
         item = load_case(data, manifest[case], classes)
         pred = torch.sigmoid(predict_logits(model, item["image"], config, device, amp)) > 0.5
         ref = torch.as_tensor(item["label"]).bool()
+        if index < n_save:
+            save_volume(Path(predictions) / f"{case}.nii.gz", prediction_code(pred), item["affine"], dtype=np.uint8)
         voxel_mm3 = float(np.prod(item["spacing"]))
         recorded = manifest[case].get("foreground_mm3") or {}
         volumes = {
@@ -167,6 +184,7 @@ def evaluate_cases(
         for c, name in enumerate(classes):
             rows.append({
                 "case": case, "class": name, "dice": dice_score(pred[c], ref[c]),
+                "hd95_mm": hd95_mm(pred[c], ref[c], item["spacing"]), "hd95_undefined": hd95_undefined(pred[c], ref[c]),
                 "volume_mm3": volumes[name], "size_bucket": bucket,
             })
     return rows
@@ -179,12 +197,14 @@ def size_bucket_of(volume_mm3: float, thresholds: Sequence[float]) -> str:
 
 
 def summarise(frame: pd.DataFrame) -> dict[str, float]:
-    """Mean Dice per class (and per class and bucket), NaN rows excluded and counted."""
+    """Mean Dice and HD95 per class (and Dice per class and bucket), NaN rows excluded and counted."""
     out: dict[str, float] = {}
     for name, group in frame.groupby("class", sort=False):
         out[f"dice/{name}"] = float(group["dice"].mean())  # pandas skips NaN
+        out[f"hd95_mm/{name}"] = float(group["hd95_mm"].mean())
         out[f"n_cases/{name}"] = float(len(group))
         out[f"n_empty/{name}"] = float(group["dice"].isna().sum())
+        out[f"n_hd95_undefined/{name}"] = float(group["hd95_undefined"].astype(bool).sum())
         for bucket, sub in group[group["size_bucket"] != ""].groupby("size_bucket"):
             out[f"dice/{name}/{bucket}"] = float(sub["dice"].mean())
             out[f"n_cases/{name}/{bucket}"] = float(len(sub))
@@ -192,15 +212,18 @@ def summarise(frame: pd.DataFrame) -> dict[str, float]:
 
 
 def sidecar_path(csv: Path) -> Path:
-    """Where the JSON summary of an evaluation CSV lives (``paths.EVALUATION_SUMMARY``): ``fold0.csv`` -> ``fold0.json``."""
+    """The JSON summary of an evaluation CSV (``paths.EVALUATION_SUMMARY``): ``fold0.csv`` -> ``fold0.json``."""
     return Path(csv).with_suffix(".json")
 
 
 def run_evaluate(
     config: dict[str, Any], task: str, init: str, ratio: float, fold: int, split: Path, data: Path,
-    model: Path, out: Path,
+    model: Path, out: Path, predictions: Path | None = None,
 ) -> None:
-    """Evaluate one fine-tuned model on its split's test cases; write the per-(case, class) CSV."""
+    """Evaluate one fine-tuned model on its split's test cases; write the per-(case, class) CSV.
+
+    ``predictions``: a folder (written atomically) for the first test cases' predicted masks.
+    """
     from sar3d.networks import load_state_dict_file
     from sar3d.tracking import tracked_run
 
@@ -217,8 +240,9 @@ def run_evaluate(
 
     identity = {"task": task, "init": init, "ratio": ratio, "fold": fold}
     params = {"evaluate": config["evaluate"], "finetune.patch_size": fcfg["patch_size"], "model": str(model)}
-    with tracked_run(config, "evaluate", identity, params=params) as run:
-        rows = evaluate_cases(config, task, net, data, manifest, cases, device, amp)
+    with tracked_run(config, "evaluate", identity, params=params) as run, contextlib.ExitStack() as stack:
+        pred_dir = stack.enter_context(atomic_output(predictions, directory=True)) if predictions else None
+        rows = evaluate_cases(config, task, net, data, manifest, cases, device, amp, pred_dir)
         frame = pd.DataFrame([{"task": task, "init": init, "ratio": ratio, "fold": fold, **r} for r in rows])
         frame = frame.reindex(columns=CSV_COLUMNS)
         summary = summarise(frame)
@@ -230,6 +254,9 @@ def run_evaluate(
             "size_buckets_mm3": thresholds, "bucket_rule": bucket_rule(thresholds) if thresholds else None,
             "bucket_class": next(iter(config["tasks"][task]["classes"])) if thresholds else None,
             "dice_conventions": "both empty -> NaN (excluded from means, counted); one empty -> 0",
+            "hd95_conventions": "mm, symmetric 95th percentile (MONAI); either empty -> NaN; "
+                                "exactly one empty flagged hd95_undefined",
+            "mlflow_run_id": run.run_id,
             "summary": summary,
         })
         run.metrics({k: v for k, v in summary.items() if math.isfinite(v)})

@@ -8,13 +8,16 @@ for the scale-aware module), seeded by (seed, epoch) so a run is reproducible
 and each epoch draws differently.
 
 This module is the seam for data-loading performance work: the store, the
-sampler and the loader are separate so any can be replaced on its own.
+sampler and the loader are separate so any can be replaced on its own. The
+loader can also run the Models Genesis corruption in its workers
+(``pretrain.transform_device: cpu``), so the trainer only waits for batches
+that are ready to train on.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,14 +210,66 @@ class BalancedBatchSampler(Sampler[np.ndarray]):
 
 def _seed_worker(worker_id: int) -> None:
     """Seed numpy and random in a worker from its torch seed (itself from the loader's generator)."""
+    from sar3d.engine import keep_freed_memory
+
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    keep_freed_memory()  # workers corrupt whole batches: same large-temporary pattern as the trainer
 
 
 def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The store already returns the batch dict; nothing to collate."""
     return batch
+
+
+Corrupt = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def batch_generator(
+    corrupt_seed: int, epoch: int, global_step: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """The corruption generator of one batch: the same wherever (worker, main process, GPU) it is drawn."""
+    return torch_generator(corrupt_seed, "corrupt", epoch, global_step, device=device)
+
+
+class PretrainBatches(Dataset):
+    """The batches of one epoch on one rank, item ``step`` = one whole batch, optionally corrupted.
+
+    Batch indices come from one :class:`BalancedBatchSampler` over
+    ``steps * world_size`` batches, of which rank ``r`` takes every
+    ``world_size``-th starting at ``r``: ranks draw different cubes, and the
+    epoch's cubes do not depend on which rank reads them. With ``corrupt`` the
+    batch is corrupted where it is read (in a DataLoader worker when there are
+    workers), with a generator seeded by (``corrupt_seed``, epoch, global batch
+    number), so the result is the same for any number of workers and after a
+    resume.
+    """
+
+    def __init__(
+        self, store: CubeStore, batch_size: int, seed: int, epoch: int, steps: int, *,
+        rank: int = 0, world_size: int = 1, corrupt: Corrupt | None = None, corrupt_seed: int = 0,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        sampler = BalancedBatchSampler(store, batch_size, seed, epoch, steps * world_size)
+        self.store = store
+        self.batches = list(sampler)[rank::world_size]
+        self.global_step = list(range(rank, steps * world_size, world_size))
+        self.epoch = epoch
+        self.corrupt = corrupt
+        self.corrupt_seed = corrupt_seed
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        batch = self.store.fetch(self.batches[step])
+        if self.corrupt is None:
+            return batch
+        generator = batch_generator(self.corrupt_seed, self.epoch, self.global_step[step])
+        x_hat, target = self.corrupt(batch.pop("cube"), generator)
+        return {"x_hat": x_hat, "target": target, **batch}
 
 
 def make_pretrain_loader(
@@ -225,21 +280,30 @@ def make_pretrain_loader(
     steps: int,
     num_workers: int = 0,
     pin_memory: bool | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    corrupt: Corrupt | None = None,
+    corrupt_seed: int = 0,
 ) -> DataLoader:
-    """A DataLoader yielding ``steps`` balanced batches (dicts) of one epoch.
+    """A DataLoader yielding ``steps`` balanced batches (dicts) of one epoch for one rank.
 
+    Without ``corrupt`` a batch is ``{"cube", "scale", "modality"}``; with it,
+    ``{"x_hat", "target", "scale", "modality"}`` (see :class:`PretrainBatches`).
     ``pin_memory`` defaults to CUDA being available (page-locked host memory makes
     the host-to-GPU copy asynchronous); on CPU it is off.
     """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    sampler = BalancedBatchSampler(store, batch_size, seed, epoch, steps)
+    batches = PretrainBatches(store, batch_size, seed, epoch, steps, rank=rank, world_size=world_size,
+                              corrupt=corrupt, corrupt_seed=corrupt_seed)
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra.update(worker_init_fn=_seed_worker, prefetch_factor=2, persistent_workers=False)
     return DataLoader(
-        store,
-        batch_sampler=sampler,
+        batches,
+        batch_size=None,
+        shuffle=False,
         collate_fn=_whole_batch,
         num_workers=num_workers,
         pin_memory=bool(pin_memory),
@@ -248,4 +312,7 @@ def make_pretrain_loader(
     )
 
 
-__all__ = ["BalancedBatchSampler", "CubeStore", "make_pretrain_loader", "open_cube_store"]
+__all__ = [
+    "BalancedBatchSampler", "CubeStore", "PretrainBatches", "batch_generator", "make_pretrain_loader",
+    "open_cube_store",
+]

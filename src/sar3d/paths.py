@@ -20,8 +20,12 @@ FINETUNED = "{results}/models/finetune/{task}/{init}/r{ratio}/fold{fold}/model.p
 FINETUNE_CHECKPOINT = "{results}/models/finetune/{task}/{init}/r{ratio}/fold{fold}/checkpoint.pt"
 EVALUATION = "{results}/eval/{task}/{init}/r{ratio}/fold{fold}.csv"
 EVALUATION_SUMMARY = "{results}/eval/{task}/{init}/r{ratio}/fold{fold}.json"
+EVALUATION_PREDICTIONS = "{results}/eval/{task}/{init}/r{ratio}/fold{fold}_pred"
 TABLE2 = "{results}/tables/table2.csv"
 TABLE2_MD = "{results}/tables/table2.md"
+TABLE = "{results}/tables/{table}.csv"
+TABLE_MD = "{results}/tables/{table}.md"
+FIGURE = "{results}/figures/{figure}.{ext}"
 TRACKING_READY = "{results}/mlflow/experiment.json"
 LOGS = "{results}/logs/{rule}/{name}.log"
 

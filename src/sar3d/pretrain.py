@@ -42,7 +42,9 @@ weights of the best validation epoch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sar3d import engine
-from sar3d.seeding import derive_seed, torch_generator
+from sar3d.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +143,44 @@ def build_optimizers(config: dict[str, Any], models: PretrainModels) -> dict[str
     return optimizers
 
 
+class GeneratorNet(nn.Module):
+    """U-Net and scale head as one module whose ``forward`` returns all a step needs.
+
+    Why: ``DistributedDataParallel`` only synchronises gradients of what runs
+    through the wrapped module's ``forward``, and a step needs the encoder
+    features, the restoration and the scale logits at once.
+    """
+
+    def __init__(self, unet: nn.Module, scale_head: nn.Module | None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.scale_head = scale_head
+
+    def forward(self, x_hat: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        feats = self.unet.encode(x_hat)
+        logits = self.scale_head(feats[-1]) if self.scale_head is not None else None
+        return feats, self.unet.decode(feats), logits
+
+
 @dataclass
 class StepContext:
-    """What a step needs besides the batch: the method, loss weights, device and precision."""
+    """What a step needs besides the batch: the method, loss weights, device and precision.
+
+    ``generator_net``/``discriminator_net`` are the (possibly DDP-wrapped) modules
+    a step calls; None builds them from the models (a single process).
+    """
 
     spec: MethodSpec
     weights: dict[str, float]
     device: torch.device
     amp: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
+    generator_net: nn.Module | None = None
+    discriminator_net: nn.Module | None = None
+
+    def nets(self, models: PretrainModels) -> tuple[nn.Module, nn.Module | None]:
+        gen = self.generator_net or GeneratorNet(models.unet, models.scale_head)
+        return gen, self.discriminator_net or models.discriminator
 
 
 def _disc_terms(
@@ -162,16 +193,19 @@ def _disc_terms(
 
 
 def generator_losses(
-    models: PretrainModels, ctx: StepContext, feats: list[torch.Tensor], target: torch.Tensor,
-    scale: torch.Tensor, modality: torch.Tensor,
+    models: PretrainModels, ctx: StepContext, feats: list[torch.Tensor], out: torch.Tensor,
+    scale_logits: torch.Tensor | None, target: torch.Tensor, scale: torch.Tensor, modality: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted generator objective and its terms (detached) for one batch of encoder features."""
+    """Weighted generator objective and its terms (detached) from one :class:`GeneratorNet` output.
+
+    The discriminator term calls the bare discriminator: its weights are frozen
+    in this step, so only the encoder gets (and DDP only syncs) gradients.
+    """
     w = ctx.weights
-    out = models.unet.decode(feats)
     terms: dict[str, torch.Tensor] = {"loss_res": F.mse_loss(out.float(), target.float())}
     total = w["restoration"] * terms["loss_res"]
-    if models.scale_head is not None:
-        logits = models.scale_head(feats[-1]).float()
+    if scale_logits is not None:
+        logits = scale_logits.float()
         terms["loss_scale"] = F.cross_entropy(logits, scale)
         terms["acc_scale"] = (logits.argmax(dim=1) == scale).float().mean()
         total = total + w["scale"] * terms["loss_scale"]
@@ -192,15 +226,16 @@ def train_step(
     float here would synchronise with the GPU every step.
     """
     scaler = ctx.scaler or torch.amp.GradScaler(ctx.device.type, enabled=False)
+    gen_net, disc_net = ctx.nets(models)
     metrics: dict[str, torch.Tensor] = {}
     with engine.autocast(ctx.device, ctx.amp):
-        feats = models.unet.encode(x_hat)
+        feats, out, scale_logits = gen_net(x_hat)
     disc = models.discriminator
-    if disc is not None:
+    if disc is not None and disc_net is not None:
         opt = optimizers["discriminator"]
         opt.zero_grad(set_to_none=True)
         with engine.autocast(ctx.device, ctx.amp):
-            loss_disc, logits = _disc_terms(disc, [f.detach() for f in feats], modality, flip=False)
+            loss_disc, logits = _disc_terms(disc_net, [f.detach() for f in feats], modality, flip=False)
         scaler.scale(loss_disc).backward()
         scaler.step(opt)
         metrics["loss_disc"] = loss_disc.detach()
@@ -210,7 +245,7 @@ def train_step(
         opt = optimizers["main"]
         opt.zero_grad(set_to_none=True)
         with engine.autocast(ctx.device, ctx.amp):
-            total, terms = generator_losses(models, ctx, feats, target, scale, modality)
+            total, terms = generator_losses(models, ctx, feats, out, scale_logits, target, scale, modality)
         scaler.scale(total).backward()
         scaler.step(opt)
         scaler.update()
@@ -228,8 +263,8 @@ def eval_step(
 ) -> dict[str, torch.Tensor]:
     """Every term of :func:`train_step` without updating anything."""
     with engine.autocast(ctx.device, ctx.amp):
-        feats = models.unet.encode(x_hat)
-        _, terms = generator_losses(models, ctx, feats, target, scale, modality)
+        feats, out, scale_logits = GeneratorNet(models.unet, models.scale_head)(x_hat)
+        _, terms = generator_losses(models, ctx, feats, out, scale_logits, target, scale, modality)
         metrics = dict(terms)
         if models.discriminator is not None:
             loss_disc, logits = _disc_terms(models.discriminator, feats, modality, flip=False)
@@ -241,8 +276,14 @@ def eval_step(
 def corrupt_batch(
     transform: Any, batch: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """Non-blocking copy to the device, then the batched Models Genesis corruption there (seeded)."""
-    x_hat, target = transform(engine.to_device(batch["cube"], device, volume=False), generator)
+    """Non-blocking copy to the device, then the batched Models Genesis corruption there (seeded).
+
+    A batch the loader already corrupted (``x_hat`` present) is only copied.
+    """
+    if "x_hat" in batch:
+        x_hat, target = batch["x_hat"], batch["target"]
+    else:
+        x_hat, target = transform(engine.to_device(batch["cube"], device, volume=False), generator)
     return (
         engine.to_device(x_hat, device),
         engine.to_device(target, device),
@@ -251,9 +292,66 @@ def corrupt_batch(
     )
 
 
+def resolve_transform_device(name: str, device: torch.device) -> torch.device:
+    """Where the corruption runs: ``auto`` follows the training device; ``cuda`` needs a CUDA run."""
+    if name == "auto":
+        return torch.device(device.type)
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError("pretrain.transform_device 'cuda' needs pretrain.device on CUDA")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown pretrain.transform_device {name!r} (auto | cpu | cuda)")
+    return torch.device(name)
+
+
+def batch_stream(
+    store: Any, transform: Any, batch_size: int, epoch: int, steps: int, *, batch_seed: int, corrupt_seed: int,
+    device: torch.device, in_loader: bool, num_workers: int = 0, pin_memory: bool = False,
+    dist: engine.Distributed | None = None,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One epoch's training tensors on the device for this rank, each batch corrupted with its own generator.
+
+    ``in_loader``: corrupted on the CPU where the batch is read (DataLoader
+    workers when ``num_workers > 0``); otherwise on ``device`` after the copy.
+    """
+    from sar3d.loader import batch_generator, make_pretrain_loader
+
+    dist = dist or engine.Distributed()
+    loader = make_pretrain_loader(
+        store, batch_size, batch_seed, epoch, steps, num_workers=num_workers, pin_memory=pin_memory,
+        rank=dist.rank, world_size=dist.world_size, corrupt=transform if in_loader else None,
+        corrupt_seed=corrupt_seed,
+    )
+    for step, batch in enumerate(loader):
+        generator = None
+        if not in_loader:
+            generator = batch_generator(corrupt_seed, epoch, step * dist.world_size + dist.rank, device)
+        yield corrupt_batch(transform, batch, generator, device)
+
+
+def train_steps(
+    models: PretrainModels, optimizers: dict[str, torch.optim.Optimizer], ctx: StepContext,
+    stream: Iterator[tuple[torch.Tensor, ...]], steps: int, desc: str = "",
+) -> engine.EpochMeter:
+    """``steps`` training steps from ``stream``, timing the wait for each batch apart from the step."""
+    meter = engine.EpochMeter()
+    for _ in engine.progress(range(steps), steps, desc):
+        with meter.wait():
+            tensors = next(stream)
+        meter.update(train_step(models, optimizers, ctx, *tensors))
+        meter.add_step(int(tensors[0].shape[0]))
+    return meter
+
+
+class _NullRun:
+    """Stands in for the MLflow run on ranks other than 0, which log nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out: Path, checkpoint: Path) -> None:
     """Pre-train one method on the cube shards; write the best U-Net state dict and the full checkpoint."""
-    from sar3d.loader import make_pretrain_loader, open_cube_store
+    from sar3d.loader import open_cube_store
     from sar3d.networks import count_parameters
     from sar3d.tracking import tracked_run
     from sar3d.transforms import GenesisConfig, GenesisTransform
@@ -262,7 +360,11 @@ def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out
     pcfg = config["pretrain"]
     seed = config["seed"]
     engine.set_determinism()
-    device = engine.resolve_device(pcfg["device"])
+    dist = engine.Distributed.from_env()
+    device = engine.init_distributed(dist, engine.resolve_device(pcfg["device"]))
+    if device.type == "cpu":
+        engine.keep_freed_memory()
+    in_loader = resolve_transform_device(pcfg.get("transform_device", "auto"), device).type == "cpu"
     amp = engine.resolve_precision(pcfg["precision"], device)
     scales = list(spec.scales) if spec.scales is not None else None
     dirs = [Path(d) for d in cube_dirs]
@@ -284,7 +386,12 @@ def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out
         for k, o in optimizers.items()
     }
     scaler = engine.make_grad_scaler(device, amp)
-    ctx = StepContext(spec, dict(pcfg["loss_weights"]), device, amp, scaler)
+    ctx = StepContext(
+        spec, dict(pcfg["loss_weights"]), device, amp, scaler,
+        generator_net=engine.wrap_ddp(GeneratorNet(models.unet, models.scale_head), dist, device),
+        discriminator_net=(engine.wrap_ddp(models.discriminator, dist, device)
+                           if models.discriminator is not None else None),
+    )
     stopper = engine.EarlyStopping(pcfg["early_stopping_patience"])
     job = engine.Fit(
         models=models.as_dict(), optimizers=optimizers, schedulers=schedulers, stopper=stopper,
@@ -292,47 +399,47 @@ def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out
         fingerprint=engine.fingerprint(
             {"seed": seed, "method": method, "pretrain": pcfg, "cubes": sorted(d.name for d in dirs)}
         ),
-        epochs=pcfg["epochs"], keep_best=("unet",), scaler=scaler,
+        epochs=pcfg["epochs"], keep_best=("unet",), scaler=scaler, is_main=dist.is_main,
     )
-    batch_seed = derive_seed(seed, "pretrain", method, "batches")
+
+    def batches(split: str, epoch: int, steps: int, workers: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        key = method if split == "train" else "val"
+        return batch_stream(
+            train_store if split == "train" else val_store, transform, pcfg["batch_size"], epoch, steps,
+            batch_seed=derive_seed(seed, "pretrain", key, "batches"),
+            corrupt_seed=derive_seed(seed, "pretrain", key, "corrupt"),
+            device=device, in_loader=in_loader, num_workers=workers, pin_memory=pin, dist=dist,
+        )
 
     def train_epoch(epoch: int) -> tuple[dict[str, float], dict[str, float]]:
-        generator = torch_generator(seed, "pretrain", method, "corrupt", epoch, device=device)
-        loader = make_pretrain_loader(
-            train_store, pcfg["batch_size"], batch_seed, epoch, pcfg["steps_per_epoch"],
-            num_workers=pcfg["num_workers"], pin_memory=pin,
-        )
-        meter = engine.EpochMeter()
-        batches = iter(loader)
-        for _ in engine.progress(range(pcfg["steps_per_epoch"]), pcfg["steps_per_epoch"], f"{method} {epoch}"):
-            with meter.wait():
-                batch = next(batches)
-            tensors = corrupt_batch(transform, batch, generator, device)
-            meter.update(train_step(models, optimizers, ctx, *tensors))
-            meter.add_step(int(batch["cube"].shape[0]))
+        meter = train_steps(models, optimizers, ctx, batches("train", epoch, pcfg["steps_per_epoch"],
+                                                             pcfg["num_workers"]),
+                            pcfg["steps_per_epoch"], f"{method} {epoch}")
+        engine.sync_buffers(models.as_dict().values(), dist)
         return meter.means(), meter.timing("cubes")
 
-    val_seed = derive_seed(seed, "pretrain", "val", "batches")
-
     def validate(epoch: int) -> tuple[dict[str, float], float]:
-        generator = torch_generator(seed, "pretrain", "val", "corrupt", device=device)  # same every epoch
-        loader = make_pretrain_loader(
-            val_store, pcfg["batch_size"], val_seed, 0, pcfg["val_steps"], num_workers=0, pin_memory=pin
-        )
         meter = engine.EpochMeter()
-        for batch in loader:
-            meter.update(eval_step(models, ctx, *corrupt_batch(transform, batch, generator, device)))
+        for tensors in batches("val", 0, pcfg["val_steps"], 0):  # the same inputs every epoch
+            meter.update(eval_step(models, ctx, *tensors))
         metrics = meter.means()
         return metrics, metrics["loss_total"]
 
     identity = {"method": method}
-    with tracked_run(config, "pretrain", identity) as run:
-        run.tags({
-            "device": str(device), "precision": str(amp or "fp32"),
-            "n_train_cubes": len(train_store), "validation_on": validation_on,
-            **{f"parameters_{k}": count_parameters(m) for k, m in models.as_dict().items()},
-        })
-        state = engine.fit(job, train_epoch, validate, run)
-        engine.save_state_dict(Path(out), state.best_weights["unet"])
-        run.metrics(engine.final_metrics(state, stopper, pcfg["epochs"]))
-        run.artifact(out)
+    tracked = tracked_run(config, "pretrain", identity) if dist.is_main else contextlib.nullcontext(_NullRun())
+    try:
+        with tracked as run:
+            run.tags({
+                "device": str(device), "precision": str(amp or "fp32"), "world_size": dist.world_size,
+                "transform_device": "loader (cpu)" if in_loader else str(device),
+                "n_train_cubes": len(train_store), "validation_on": validation_on,
+                **{f"parameters_{k}": count_parameters(m) for k, m in models.as_dict().items()},
+            })
+            state = engine.fit(job, train_epoch, validate, run)
+            if dist.is_main:
+                engine.save_state_dict(Path(out), state.best_weights["unet"])
+                run.metrics(engine.final_metrics(state, stopper, pcfg["epochs"]))
+                run.artifact(out)
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,9 +1,12 @@
 """MLflow tracking shared by every stage.
 
-The store (a local sqlite file by default) and the study's experiment are created
-once, by the ``tracking_init`` rule, before jobs fan out; every job then opens a
-run tagged with its stage and identity (method / task / fold / ratio) and logs
-its resolved config as parameters. A retried job finds its own unfinished run by
+One experiment per study. The store (a local sqlite file by default, or a tracking
+server), the experiment and the study's *parent run* are created once, by the
+``tracking_init`` rule, before jobs fan out; their ids go to
+``results/mlflow/experiment.json``. Every job then opens a *child* run of that
+parent (``mlflow.parentRunId``) tagged with its stage, rule and identity (method /
+task / init / fold / ratio), seed, git commit, host and Slurm job id, and logs its
+resolved config as parameters. A retried job finds its own unfinished run by
 ``job_key`` and continues it instead of leaving a duplicate.
 """
 
@@ -12,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -24,7 +29,15 @@ from sar3d.paths import TRACKING_READY, fill
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# Compute nodes are often offline, and hundreds of jobs need no usage-telemetry threads.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 log = logging.getLogger(__name__)
+
+STUDY_STAGE = "study"  # ``stage`` tag of the parent run
+FINAL_STAGE = "report"  # a finished job of this stage marks the study's parent run FINISHED
+RULE_ENV = "SAR3D_RULE"  # set by the Snakemake rules to their rule name
+# Transient errors of a shared sqlite store under many writers; anything else is raised at once.
+_TRANSIENT = ("database is locked", "database table is locked", "database schema has changed", "busy")
 
 
 def _mlflow():  # imported lazily: mlflow costs seconds to import
@@ -35,15 +48,22 @@ def _mlflow():  # imported lazily: mlflow costs seconds to import
     return mlflow
 
 
-def _retry(fn, *args, attempts: int = 8, **kwargs):
-    """sqlite stores refuse concurrent writers now and then; back off and retry."""
+def _retry(fn, *args, attempts: int = 12, **kwargs):
+    """sqlite lets one writer in at a time and refuses others after its busy timeout.
+
+    Back off exponentially (capped) with jitter, so that many jobs finishing together
+    do not retry in lockstep; a failed write was rolled back, so repeating it is safe.
+    """
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            if "locked" not in str(err).lower() or attempt == attempts - 1:
+            message = str(err).lower()
+            if not any(t in message for t in _TRANSIENT) or attempt == attempts - 1:
                 raise
-            time.sleep(0.2 * 2**attempt)
+            delay = min(0.1 * 2**attempt, 8.0) * (0.5 + random.random())
+            log.debug("tracking store busy (%s); retry %d in %.1fs", err, attempt + 1, delay)
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -57,22 +77,55 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _common_tags(config: Mapping[str, Any]) -> dict[str, str]:
+    """Where and from what code a run was made: the same keys on the parent and every child."""
+    return {
+        "seed": str(config["seed"]),
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+    }
+
+
+def _study_run(client: Any, experiment_id: str, config: Mapping[str, Any]) -> str:
+    """The study's parent run: found by its stage tag, created (with the config as params) once."""
+    found = _retry(
+        client.search_runs, [experiment_id], filter_string=f"tags.stage = '{STUDY_STAGE}'",
+        order_by=["attributes.start_time ASC"], max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    name = config["tracking"]["experiment"]
+    tags = {"stage": STUDY_STAGE, "rule": "tracking_init", "mlflow.runName": f"study {name}", **_common_tags(config)}
+    run_id = _retry(client.create_run, experiment_id, tags=tags).info.run_id
+    RunLogger(client, run_id).params(flatten(dict(config)))
+    return run_id
+
+
 def init_tracking(config: Mapping[str, Any]) -> dict[str, str]:
-    """Create the store and the study experiment; record both in a marker file."""
+    """Create the store, the study's experiment and its parent run; record their ids.
+
+    Idempotent: a rerun finds the experiment and the parent run again. Run it once
+    before jobs fan out (rule ``tracking_init``) so parallel jobs never race to
+    create the sqlite schema, the experiment or the parent.
+    """
     mlflow = _mlflow()
     uri = tracking_uri(dict(config))
     results = Path(config["results_dir"]).resolve()
     results.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=uri)
     name = config["tracking"]["experiment"]
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        artifacts = (results / "mlflow" / "artifacts").as_uri()
+        # A tracking server stores artifacts where it was told to (--default-artifact-root
+        # or proxied); a local store keeps them next to the results.
+        remote = uri.startswith(("http://", "https://"))
+        artifacts = None if remote else (results / "mlflow" / "artifacts").as_uri()
         experiment_id = client.create_experiment(name, artifact_location=artifacts)
     else:
         experiment_id = experiment.experiment_id
-    info = {"tracking_uri": uri, "experiment": name, "experiment_id": str(experiment_id)}
+    parent = _study_run(client, str(experiment_id), config)
+    info = {"tracking_uri": uri, "experiment": name, "experiment_id": str(experiment_id), "parent_run_id": parent}
     write_json(fill(TRACKING_READY, config["results_dir"]), info)
     return info
 
@@ -123,6 +176,7 @@ def tracked_run(
     marker = fill(TRACKING_READY, config["results_dir"])
     info = read_json(marker) if marker.exists() else init_tracking(config)
     experiment_id = info["experiment_id"]
+    parent = info.get("parent_run_id")  # absent in markers written before parent runs existed
     job_key = "/".join([stage, *(f"{k}={v}" for k, v in sorted(identity.items()))])
     existing = _retry(
         client.search_runs,
@@ -132,25 +186,42 @@ def tracked_run(
     )
     tags = {
         "stage": stage,
+        "rule": os.environ.get(RULE_ENV, stage),
         "job_key": job_key,
-        "seed": config["seed"],
-        "git_commit": git_commit(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         "mlflow.runName": job_key.replace("/", " "),
+        **_common_tags(config),
+        **({"mlflow.parentRunId": parent} if parent else {}),
         **identity,
     }
+    tags = {k: str(v) for k, v in tags.items()}
+    logger: RunLogger
     if existing:
         run_id = existing[0].info.run_id
         _retry(client.update_run, run_id, status="RUNNING")
+        logger = RunLogger(client, run_id)
+        # this attempt's host, Slurm job and commit (the run keeps its first params)
+        logger.tags({k: tags[k] for k in ("rule", "host", "slurm_job_id", "git_commit")})
     else:
-        run = _retry(client.create_run, experiment_id, tags={k: str(v) for k, v in tags.items()})
-        run_id = run.info.run_id
-    logger = RunLogger(client, run_id)
-    if not existing:
+        run_id = _retry(client.create_run, experiment_id, tags=tags).info.run_id
+        logger = RunLogger(client, run_id)
         logger.params(flatten(dict(params if params is not None else config)))
+    if parent:
+        _set_status(client, parent, "RUNNING")
     try:
         yield logger
     except BaseException:
         _retry(client.set_terminated, run_id, status="FAILED")
         raise
     _retry(client.set_terminated, run_id, status="FINISHED")
+    if parent and stage == FINAL_STAGE:
+        _set_status(client, parent, "FINISHED")
+
+
+def _set_status(client: Any, run_id: str, status: str) -> None:
+    """Mark the parent run RUNNING while jobs run and FINISHED after the final table."""
+    if _retry(client.get_run, run_id).info.status == status:
+        return  # read-only check first: most jobs find the parent already RUNNING
+    if status == "RUNNING":
+        _retry(client.update_run, run_id, status=status)
+    else:
+        _retry(client.set_terminated, run_id, status=status)

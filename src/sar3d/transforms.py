@@ -12,24 +12,33 @@ shuffle → non-linear → paint input), with the probabilities from
 ``config["pretrain"]["transforms"]``. Every random draw comes from the
 ``torch.Generator`` the caller passes, which lives on the cubes' device, so the
 same generator state gives the same output. Documented deviations, none of
-which changes what is drawn in distribution:
+which changes what a single window, voxel or cube receives in distribution:
 
-* each window's permutation and the overwrite by later windows are resolved
-  for all windows at once (a sort and a scatter-max), not window by window;
-* in-painting boxes get independent uniform noise from one field per cube
-  (each voxel still receives a fresh U(0, 1) value);
+* each window's permutation is drawn from a per-call bank of
+  :data:`SHUFFLE_BANK` uniform permutations per window volume, so it is exactly
+  uniform, but windows that draw the same bank entry are permuted alike (see
+  :func:`shuffle_in_windows`); the overwrite by later windows is resolved for
+  all windows at once (a scatter-max), not window by window;
+* painting noise is uniform on the grid ``{k / 65536}`` (four values per 64-bit
+  random draw, :func:`uniform_noise`), drawn for every voxel of the batch;
 * the Bezier curve is tabulated on a uniform grid of :data:`LUT_SIZE` points
-  and applied by linear interpolation (max deviation from ``np.interp`` on the
-  reference's 100,000 points is ~1e-4);
+  and applied by linear interpolation (deviation from ``np.interp`` on the
+  reference's 100,000 points: typically ~1e-4, up to ~1e-2 where a curve is
+  almost vertical);
 * the inverted curve pairs the sorted x values with the *sorted, reversed* y
   values, so it is exactly anti-monotone (the reference pairs them with the
   unsorted y values, which equals this whenever the Bezier curve is monotone).
+
+Speed (one CPU thread, see docs/performance.md): work is done cube by cube
+where a whole-batch temporary would be tens of MB (page faults cost more than
+the arithmetic), in int32 where values fit, and nothing loops per window.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -51,13 +60,14 @@ __all__ = [
     "random_flip",
     "shuffle_in_windows",
     "shuffle_windows",
+    "uniform_noise",
 ]
 
 LUT_SIZE = 4096
 """Entries of the per-cube intensity lookup table (uniform grid on [0, 1])."""
 
-BEZIER_POINTS = 2049
-"""Points at which the Bezier curve is evaluated before tabulation."""
+BEZIER_POINTS = 1025
+"""Points at which the Bezier curve is evaluated before tabulation (2049 gave the same LUT error)."""
 
 PAINT_CONTINUE = 0.95
 """Reference probability of adding one more in-/out-painting box."""
@@ -186,101 +196,160 @@ def shuffle_windows(
 
     Sizes are uniform in [1, max_window] per axis (the reference uses
     ``dim // 10``: (6, 6, 3) for 64x64x32), clipped to the cube; origins are
-    uniform over the positions where the window fits.
+    uniform over the positions where the window fits. The size triple is one
+    exact uniform draw over all triples (which is the same as independent
+    uniform sides) to spend one random number instead of three.
     """
     device = torch.device(device)
-    dims = torch.tensor(shape, device=device)
-    maxw = torch.minimum(torch.tensor(max_window, device=device), dims).clamp_min(1)
-    u = _rand((n, n_windows, 6), generator, device)
-    sizes = _randint_inclusive(torch.ones_like(maxw), maxw, u[..., :3])
-    origins = _randint_inclusive(torch.zeros_like(sizes), dims - sizes, u[..., 3:])
-    return origins, sizes
+    sizes_of, last_origin_of = _window_classes(shape, tuple(int(m) for m in max_window), device)
+    cls = torch.randint(0, sizes_of.shape[0], (n, n_windows), generator=generator, device=device)
+    last = last_origin_of[cls]
+    origins = torch.minimum((_rand((n, n_windows, 3), generator, device) * (last + 1)).long(), last)
+    return origins, sizes_of[cls]
 
 
 @lru_cache(maxsize=32)
-def _window_offsets(
+def _window_classes(
     shape: tuple[int, int, int], max_window: tuple[int, int, int], device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """Flat voxel offsets of every window shape, concatenated, and each shape's start in that table.
+    """Size triple and largest origin of every window class, (classes, 3) each; classes in C order."""
+    cap = [min(m, d) for m, d in zip(max_window, shape, strict=True)]
+    grid = torch.meshgrid(*(torch.arange(1, c + 1) for c in cap), indexing="ij")
+    sizes = torch.stack(grid, dim=-1).reshape(-1, 3)
+    return sizes.to(device), (torch.tensor(shape) - sizes).to(device)
 
-    Shape class of (sx, sy, sz) is ``((sx-1)*my + sy-1)*mz + sz-1``; the offsets
-    of a class list the window's voxels in C order relative to its origin.
+
+SHUFFLE_BANK = 64
+"""Random permutations drawn per call for each window volume (see :func:`shuffle_in_windows`)."""
+
+
+@dataclass(frozen=True)
+class _ShuffleTables:
+    """Constant index tables for one (cube shape, largest window, bank size); built once, cached.
+
+    A window *class* is its size triple, numbered ``((sx-1)*my + sy-1)*mz + sz-1``;
+    its ``n_c`` voxels are listed in C order (local index ``j``). A (destination
+    ``j``, source ``j'``) pair is packed into one integer
+    ``(flat(j') - flat(j) + bias) << off_bits | flat(j)``, flat offsets being
+    relative to the window origin: the destination, and the displacement to the
+    source made non-negative by ``bias``.
     """
+
+    off_bits: int
+    disp_bits: int
+    bias: int
+    cls_first: Tensor  # (classes,) first local-index slot of each class in the concatenated list
+    cls_volume: Tensor  # (classes,) n_c
+    bank: Tensor  # (K * sum n_c,) row start in ``pairs`` of each (class, bank entry, j) slot
+    bank_perm: Tensor  # same length: where that slot's source j' sits among the drawn permutations
+    pairs: Tensor  # (sum n_c^2,) packed pairs per class, row j, column j'
+    volumes: tuple[int, ...]  # distinct window volumes, the order permutations are drawn in
+
+
+@lru_cache(maxsize=32)
+def _shuffle_tables(
+    shape: tuple[int, int, int], max_window: tuple[int, int, int], bank_size: int, device: torch.device
+) -> _ShuffleTables:
     _, y, z = shape
     mx, my, mz = max_window
-    pieces, starts, start = [], [], 0
-    for sx in range(1, mx + 1):
-        for sy in range(1, my + 1):
-            for sz in range(1, mz + 1):
-                ii, jj, kk = torch.meshgrid(
-                    torch.arange(sx), torch.arange(sy), torch.arange(sz), indexing="ij"
-                )
-                pieces.append((ii * (y * z) + jj * z + kk).reshape(-1))
-                starts.append(start)
-                start += sx * sy * sz
-    return torch.cat(pieces).to(device), torch.tensor(starts, device=device)
+    bias = (mx - 1) * y * z + (my - 1) * z + mz - 1  # the largest flat offset inside a window
+    off_bits, disp_bits = bias.bit_length(), (2 * bias + 1).bit_length()
+    sizes = [(sx, sy, sz) for sx in range(1, mx + 1) for sy in range(1, my + 1) for sz in range(1, mz + 1)]
+    volumes = sorted({sx * sy * sz for sx, sy, sz in sizes})
+    perm_start = dict(zip(volumes, torch.tensor([0, *volumes[:-1]]).cumsum(0).mul(bank_size).tolist(), strict=True))
+    pairs, bank, bank_perm, pair_first = [], [], [], 0
+    for sx, sy, sz in sizes:
+        n_c = sx * sy * sz
+        ii, jj, kk = torch.meshgrid(torch.arange(sx), torch.arange(sy), torch.arange(sz), indexing="ij")
+        offset = (ii * (y * z) + jj * z + kk).reshape(-1)
+        pairs.append((((offset.unsqueeze(0) - offset.unsqueeze(1) + bias) << off_bits) | offset.unsqueeze(1))
+                     .reshape(-1))
+        j = torch.arange(n_c).repeat(bank_size)
+        bank.append(pair_first + j * n_c)
+        bank_perm.append(perm_start[n_c] + torch.arange(bank_size).repeat_interleave(n_c) * n_c + j)
+        pair_first += n_c * n_c
+    volume = torch.tensor([sx * sy * sz for sx, sy, sz in sizes])
+    dtype = torch.int32 if off_bits + disp_bits <= 31 else torch.int64
+    return _ShuffleTables(
+        off_bits=off_bits, disp_bits=disp_bits, bias=bias,
+        cls_first=(volume.cumsum(0) - volume).to(device), cls_volume=volume.to(device),
+        bank=torch.cat(bank).to(device), bank_perm=torch.cat(bank_perm).to(device),
+        pairs=torch.cat(pairs).to(device=device, dtype=dtype), volumes=tuple(volumes),
+    )
 
 
-def _shuffle_source_map(
-    origins: Tensor,
-    sizes: Tensor,
-    shape: tuple[int, int, int],
-    maxw: tuple[int, int, int],
-    generator: torch.Generator,
-) -> Tensor:
-    """For one cube: the flat index each voxel takes its value from after all windows.
+def _permutation_bank(tables: _ShuffleTables, bank_size: int, generator: torch.Generator) -> Tensor:
+    """Packed (destination, source) pairs of ``bank_size`` uniform permutations per window class.
 
-    Every (window, voxel) pair is enumerated at once; pair ``p`` is voxel
-    ``vox[p]`` of window ``win[p]``, windows in order. A window's permutation is
-    the order in which its pairs appear in one random ordering of all pairs
-    (exactly uniform, independent across windows). The overwrite rule (later
-    windows win, every window reads the original cube) is a scatter-max of
-    (window rank, source) over destination voxels.
+    Slot ``K * cls_first[c] + k * n_c + j`` says where voxel ``j`` of a class-``c``
+    window using bank entry ``k`` takes its value from. Permutations are drawn per
+    window *volume* (argsort of float64 uniforms: ties have probability ~1e-12) and
+    applied to the C-order voxel list of every class of that volume.
     """
-    device = origins.device
-    x, y, z = shape
-    n_vox = x * y * z
-    table, starts = _window_offsets(shape, maxw, device)
-    n_win = sizes.shape[0]
-    vol = sizes.prod(1)
-    n_pairs = int(vol.sum())
-    seg_start = torch.cumsum(vol, 0) - vol
-    cls = ((sizes[:, 0] - 1) * maxw[1] + sizes[:, 1] - 1) * maxw[2] + sizes[:, 2] - 1
-    base = origins[:, 0] * (y * z) + origins[:, 1] * z + origins[:, 2]
-    win = torch.repeat_interleave(torch.arange(n_win, device=device, dtype=torch.int32), vol, output_size=n_pairs)
-    shift = (starts[cls] - seg_start).index_select(0, win)
-    vox = base.index_select(0, win) + table.index_select(0, shift.add_(torch.arange(n_pairs, device=device)))
-
-    # Visit the pairs in a uniformly random order, then stable-sort by window: each
-    # window's pairs come out in random order. Small window ids sort ~2x faster.
-    perm = torch.randperm(n_pairs, generator=generator, device=device)
-    key = win.index_select(0, perm)
-    if n_win <= torch.iinfo(torch.int16).max:
-        key = key.to(torch.int16)
-    src = vox.index_select(0, perm.index_select(0, torch.sort(key, stable=True).indices))
-
-    vox_bits = max(1, (n_vox - 1).bit_length())
-    srcmap = torch.arange(n_vox, device=device)
-    srcmap.scatter_reduce_(0, vox, (win.long() + 1).mul_(1 << vox_bits).add_(src), reduce="amax")
-    return srcmap.bitwise_and_((1 << vox_bits) - 1)
+    device = tables.pairs.device
+    perms = torch.cat([
+        torch.rand((bank_size, n), generator=generator, device=device, dtype=torch.float64).argsort(1).reshape(-1)
+        for n in tables.volumes
+    ])
+    return tables.pairs.index_select(0, tables.bank + perms.index_select(0, tables.bank_perm))
 
 
-def shuffle_in_windows(cubes: Tensor, origins: Tensor, sizes: Tensor, generator: torch.Generator) -> Tensor:
+def shuffle_in_windows(
+    cubes: Tensor, origins: Tensor, sizes: Tensor, generator: torch.Generator, bank_size: int = SHUFFLE_BANK
+) -> Tensor:
     """Permute the voxels of each given window (windows read the original cube; later ones win).
 
     ``origins``/``sizes`` are (B, W, 3) as from :func:`shuffle_windows`; all
     channels of a cube share the permutation.
+
+    Why it is fast: each window takes a random entry of a per-call bank of
+    ``bank_size`` uniform permutations per window volume (:func:`_permutation_bank`),
+    so every window's permutation is exactly uniform, but windows drawing the same
+    entry (or of another shape with the same volume) are permuted alike. That
+    correlation between distant windows carries no information a restoration
+    network could use, and it avoids sorting every (window, voxel) pair. Then,
+    cube by cube (its voxels stay in cache), every (window, voxel) pair gets one
+    packed integer ``(window rank + 1) << disp_bits | displacement`` that is
+    scatter-maxed onto its voxel: the latest window wins, and the displacement
+    points at the voxel's source in the *original* cube.
     """
     _check(cubes, generator)
     b, c = cubes.shape[:2]
     shape = _shape3(cubes)
     n_vox = shape[0] * shape[1] * shape[2]
-    if b == 0 or origins.shape[1] == 0:
+    n_win = origins.shape[1]
+    if b == 0 or n_win == 0:
         return cubes.clone()
+    device = cubes.device
     maxw = tuple(int(v) for v in sizes.reshape(-1, 3).amax(0).tolist())
-    srcmap = torch.stack([_shuffle_source_map(origins[i], sizes[i], shape, maxw, generator) for i in range(b)])
+    tables = _shuffle_tables(shape, maxw, bank_size, device)
+    bank = _permutation_bank(tables, bank_size, generator)
+    entry = torch.randint(0, bank_size, (b, n_win), generator=generator, device=device)
+
+    cls = ((sizes[..., 0] - 1) * maxw[1] + sizes[..., 1] - 1) * maxw[2] + sizes[..., 2] - 1
+    vol = tables.cls_volume[cls]  # (b, n_win)
+    seg_end = vol.cumsum(1)
+    # bank slot of each window's first voxel, minus the position of that voxel in the cube's pair list
+    shift = (tables.cls_first[cls] * bank_size + entry * vol - (seg_end - vol)).to(bank.dtype)
+    base = (origins[..., 0] * (shape[1] * shape[2]) + origins[..., 1] * shape[2] + origins[..., 2]).to(bank.dtype)
+    fits = n_win < (1 << (31 - tables.disp_bits)) and bank.dtype == torch.int32
+    key_dtype = torch.int32 if fits else torch.int64
+    rank = torch.arange(n_win, device=device, dtype=key_dtype)
+    pair_index = torch.arange(int(seg_end[:, -1].max()), device=device, dtype=bank.dtype)
+    voxels = torch.arange(n_vox, device=device, dtype=key_dtype)
+    disp_mask, off_mask = (1 << tables.disp_bits) - 1, (1 << tables.off_bits) - 1
     flat = cubes.reshape(b, c, n_vox)
-    return torch.gather(flat, 2, srcmap.unsqueeze(1).expand(b, c, n_vox)).reshape(cubes.shape)
+    out = torch.empty_like(flat)
+    for i, n_pairs in enumerate(seg_end[:, -1].tolist()):
+        win = torch.repeat_interleave(rank, vol[i], output_size=n_pairs)
+        packed = bank.index_select(0, shift[i].index_select(0, win).add_(pair_index[:n_pairs]))
+        voxel = base[i].index_select(0, win).add_(packed & off_mask).long()
+        key = ((win + 1) << tables.disp_bits).bitwise_or_((packed >> tables.off_bits).to(key_dtype))
+        winner = torch.full((n_vox,), tables.bias, dtype=key_dtype, device=device)  # rank 0, displacement 0
+        winner.scatter_reduce_(0, voxel, key, reduce="amax")
+        source = winner.bitwise_and_(disp_mask).add_(voxels).sub_(tables.bias)
+        torch.index_select(flat[i], 1, source, out=out[i])
+    return out.reshape(cubes.shape)
 
 
 def local_pixel_shuffle(cubes: Tensor, generator: torch.Generator, cfg: GenesisConfig) -> Tensor:
@@ -328,27 +397,49 @@ def bezier_lookup_tables(
 
 
 def apply_lookup_table(cubes: Tensor, lut: Tensor) -> Tensor:
-    """Map intensities through per-cube tables (values clamped to [0, 1], linear interpolation)."""
+    """Map intensities through per-cube tables (values clamped to [0, 1], linear interpolation).
+
+    All cubes' tables are looked up as one flat table with int32 indices: one
+    ``index_select`` for the values and one for the slopes, instead of two
+    row-wise gathers with int64 indices.
+    """
     b = cubes.shape[0]
     size = lut.shape[1]
-    flat = cubes.reshape(b, -1).float()
-    pos = flat.clamp(0, 1).mul_(size - 1)
-    i0 = pos.to(torch.int64).clamp_(max=size - 2)
-    frac = pos.sub_(i0)
-    slope = lut.diff(dim=1)
-    out = lut.gather(1, i0).addcmul_(frac, slope.gather(1, i0))
+    lut = lut.float()
+    pos = cubes.reshape(b, -1).float().clamp(0, 1).mul_(size - 1)
+    index = pos.to(torch.int32).add_(torch.arange(0, b * size, size, device=lut.device, dtype=torch.int32)
+                                     .unsqueeze(1)).reshape(-1)
+    slope = torch.nn.functional.pad(lut.diff(dim=1), (0, 1)).reshape(-1)  # 0 after the last entry
+    out = lut.reshape(-1).index_select(0, index).addcmul_(pos.frac_().reshape(-1), slope.index_select(0, index))
     return out.reshape(cubes.shape).to(cubes.dtype)
+
+
+def _apply_gated(cubes: Tensor, chosen: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn`` on the cubes at indices ``chosen``, the others unchanged.
+
+    When most cubes are chosen, running ``fn`` on the whole batch and copying the
+    few others back is cheaper than selecting and re-inserting the many.
+    """
+    n = cubes.shape[0]
+    if chosen.numel() == 0:
+        return cubes.clone()
+    if 2 * chosen.numel() < n:
+        return cubes.clone().index_copy_(0, chosen, fn(cubes.index_select(0, chosen)))
+    out = fn(cubes)
+    keep = torch.ones(n, dtype=torch.bool, device=cubes.device).index_fill_(0, chosen, False).nonzero().squeeze(1)
+    return out.index_copy_(0, keep, cubes.index_select(0, keep)) if keep.numel() else out
 
 
 def nonlinear_intensity(cubes: Tensor, generator: torch.Generator, cfg: GenesisConfig) -> Tensor:
     """With probability ``nonlinear_rate`` per cube, remap intensities through a random Bezier curve."""
     _check(cubes, generator)
     idx = _gate(cubes.shape[0], cfg.nonlinear_rate, generator, cubes.device)
-    out = cubes.clone()
-    if idx.numel():
-        lut, _ = bezier_lookup_tables(idx.numel(), generator, cfg.nonlinear_inverse_rate, cubes.device)
-        out.index_copy_(0, idx, apply_lookup_table(cubes.index_select(0, idx), lut))
-    return out
+
+    def remap(chosen: Tensor) -> Tensor:
+        lut, _ = bezier_lookup_tables(chosen.shape[0], generator, cfg.nonlinear_inverse_rate, cubes.device)
+        return apply_lookup_table(chosen, lut)
+
+    return _apply_gated(cubes, idx, remap)
 
 
 # --------------------------------------------------------------------------- in-/out-painting
@@ -398,23 +489,45 @@ def paint_masks(
     out_active = torch.cat((torch.ones((n, 1), dtype=torch.bool, device=device),
                             torch.cumprod(more.long(), 1).bool()), 1)
 
-    # one set of boxes per cube: its in-painting boxes or its out-painting boxes
+    # one set of boxes per cube: its in-painting boxes or its out-painting boxes (none if unpainted)
     k = max(k_in, k_out)
     sel = inpaint.view(n, 1, 1)
     origins = torch.where(sel, _pad_boxes(in_orig, k), _pad_boxes(out_orig, k))
     sizes = torch.where(sel, _pad_boxes(in_size, k), _pad_boxes(out_size, k))
     active = torch.where(sel[..., 0], _pad_boxes(in_active, k), _pad_boxes(out_active, k)) & painted.view(n, 1)
 
-    # union of separable boxes as one batched matmul of 0/1 indicators (exact small integer counts)
+    # union of separable boxes: each axis position holds a bit per box containing it, so a voxel is
+    # in some box iff the AND of its three axis words is non-zero (one uint8 op per voxel)
     axes = [torch.arange(s, device=device) for s in shape]
-    inside = [
-        ((axes[a] >= origins[..., a, None]) & (axes[a] < (origins[..., a] + sizes[..., a])[..., None])).float()
-        for a in range(3)
-    ]  # each (n, k, dim_a)
-    in_xy = (inside[0].mul_(active[..., None]).unsqueeze(3) * inside[1].unsqueeze(2)).reshape(n, k, -1)
-    union = torch.bmm(in_xy.transpose(1, 2), inside[2]).reshape(n, *shape) > 0.5
-    mask = torch.where((kind == OUTPAINT).view(n, 1, 1, 1), ~union, union) & painted.view(n, 1, 1, 1)
+    union = torch.zeros((n, *shape), dtype=torch.bool, device=device)
+    for first in range(0, k, 8):
+        box = slice(first, min(first + 8, k))
+        bit = (1 << torch.arange(box.stop - box.start, device=device)).view(1, -1, 1)
+        words = [
+            (((axes[a] >= origins[:, box, a, None]) & (axes[a] < (origins[:, box, a] + sizes[:, box, a])[..., None])
+              & active[:, box, None]) * bit).sum(1).to(torch.uint8)
+            for a in range(3)
+        ]  # each (n, dim_a)
+        both = (words[0][:, :, None] & words[1][:, None, :]).unsqueeze(3)
+        union |= (both & words[2][:, None, None, :]).bool()
+    mask = union.logical_xor_((kind == OUTPAINT).view(n, 1, 1, 1))  # out-painting: noise outside the boxes
     return mask, kind
+
+
+def uniform_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform noise on the grid ``{k / 65536}`` in [0, 1): four values per 64-bit random draw.
+
+    A float32 ``torch.rand`` spends one Mersenne-Twister draw per voxel and made
+    painting the costliest transform; 16 bits of resolution are far below
+    anything the restoration task can see.
+    """
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None,
+                                                                                    generator=generator)
+    work = torch.promote_types(dtype, torch.float32)
+    noise = words.view(torch.int16)[:numel].to(work).mul_(2.0**-16).add_(0.5)
+    return noise.reshape(shape).to(dtype)
 
 
 def paint(cubes: Tensor, generator: torch.Generator, cfg: GenesisConfig) -> Tensor:
@@ -422,7 +535,7 @@ def paint(cubes: Tensor, generator: torch.Generator, cfg: GenesisConfig) -> Tens
     _check(cubes, generator)
     mask, _ = paint_masks(cubes.shape[0], _shape3(cubes), generator, cfg, cubes.device)
     # a full noise field is cheaper than counting the mask and scattering fewer values
-    noise = torch.rand(cubes.shape, generator=generator, device=cubes.device, dtype=cubes.dtype)
+    noise = uniform_noise(tuple(cubes.shape), generator, cubes.device, cubes.dtype)
     return torch.where(mask.unsqueeze(1), noise, cubes)
 
 

@@ -16,6 +16,12 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 validate(config, "../schemas/config.schema.yaml")
 R = STUDY["results_dir"]
+
+# One image for every rule (Snakemake's global directive; rules defined after this
+# line inherit it). Only `--software-deployment-method apptainer` uses it, so dry
+# runs and local runs need no Apptainer; `container: null` in the config clears it.
+container: STUDY["container"]
+
 SEED = STUDY["seed"]
 
 

@@ -18,5 +18,5 @@ rule cubes:
     log:
         log("cubes", "{dataset}"),
     shell:
-        "OMP_NUM_THREADS={threads} sar3d cubes --config {STUDY_CONFIG} --dataset {wildcards.dataset} --data {input.data}"
+        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d cubes --config {STUDY_CONFIG} --dataset {wildcards.dataset} --data {input.data}"
         " --heldout {input.heldout} --out {output} > {log} 2>&1"

@@ -15,4 +15,4 @@ rule download:
     log:
         log("download", "{dataset}"),
     shell:
-        "OMP_NUM_THREADS={threads} sar3d download --config {STUDY_CONFIG} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d download --config {STUDY_CONFIG} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"

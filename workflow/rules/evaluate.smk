@@ -5,6 +5,9 @@ rule evaluate:
     output:
         csv=path(paths.EVALUATION, task="{task}", init="{init}", ratio="{ratio}", fold="{fold}"),
         summary=path(paths.EVALUATION_SUMMARY, task="{task}", init="{init}", ratio="{ratio}", fold="{fold}"),
+        predictions=directory(
+            path(paths.EVALUATION_PREDICTIONS, task="{task}", init="{init}", ratio="{ratio}", fold="{fold}")
+        ),
     input:
         model=path(paths.FINETUNED, task="{task}", init="{init}", ratio="{ratio}", fold="{fold}"),
         split=path(paths.SPLIT, task="{task}", fold="{fold}"),
@@ -21,4 +24,4 @@ rule evaluate:
     shell:
         "OMP_NUM_THREADS={threads} sar3d evaluate --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
         " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"
-        " --model {input.model} --out {output.csv} > {log} 2>&1"
+        " --model {input.model} --out {output.csv} --predictions {output.predictions} > {log} 2>&1"

@@ -16,7 +16,7 @@ rule normalise_pretrain:
     log:
         log("normalise_pretrain", "{dataset}"),
     shell:
-        "OMP_NUM_THREADS={threads} sar3d normalise --config {STUDY_CONFIG} --dataset {wildcards.dataset}"
+        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d normalise --config {STUDY_CONFIG} --dataset {wildcards.dataset}"
         " --raw {input.raw} --out {output} > {log} 2>&1"
 
 
@@ -35,5 +35,5 @@ rule normalise_task:
     log:
         log("normalise_task", "{task}"),
     shell:
-        "OMP_NUM_THREADS={threads} sar3d normalise --config {STUDY_CONFIG} --task {wildcards.task}"
+        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d normalise --config {STUDY_CONFIG} --task {wildcards.task}"
         " --raw {input.raw} --out {output} > {log} 2>&1"

@@ -19,5 +19,5 @@ rule pretrain:
     log:
         log("pretrain", "{method}"),
     shell:
-        "OMP_NUM_THREADS={threads} sar3d pretrain --config {STUDY_CONFIG} --method {wildcards.method}"
+        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d pretrain --config {STUDY_CONFIG} --method {wildcards.method}"
         " --cubes {input.cubes} --out {output} --checkpoint {params.checkpoint} > {log} 2>&1"

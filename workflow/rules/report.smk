@@ -1,34 +1,168 @@
-# Tables: the paper's Table 2 from every evaluation of the study grid.
+# Tables and figures of the paper from the study grid (sar3d.report, sar3d.figures).
+# Inputs are the evaluations, so the DAG builds them. For a partial grid (some jobs
+# failed): `snakemake --keep-going`, then `sar3d report-all --config results/config/study.yaml`
+# writes every table and figure from whichever evaluations exist, marking the rest "—".
+
+from sar3d.report import SINGLE_SCALE, configured_tables
 
 
-def evaluation_files():
+def evaluation_files(tasks=None, inits=None, ratios=None):
+    """Evaluation CSVs of a sub-grid (default: the whole study grid)."""
     return [
         path(paths.EVALUATION, task=task, init=init, ratio=ratio, fold=fold)
-        for task in STUDY["tasks"]
-        for init in STUDY["finetune"]["inits"]
-        for ratio in ratio_tags()
+        for task in (tasks or STUDY["tasks"])
+        for init in (inits or STUDY["finetune"]["inits"])
+        for ratio in (ratios or ratio_tags())
         for fold in task_folds(task)
     ]
+
+
+def table_path(name, ext="csv"):
+    return path(paths.TABLE if ext == "csv" else paths.TABLE_MD, table=name)
+
+
+def prediction_folder(task, init):
+    """Saved predictions of fold 0 at label ratio 1: what the qualitative figure shows."""
+    return path(paths.EVALUATION_PREDICTIONS, task=task, init=init, ratio="1", fold=0)
+
+
+def figure_path(name, ext):
+    return path(paths.FIGURE, figure=name, ext=ext)
+
+
+TABLE2_INITS = [i for i in STUDY["finetune"]["inits"] if i not in SINGLE_SCALE]
+TABLE3_INITS = [i for i in SINGLE_SCALE if i in STUDY["finetune"]["inits"]] + [STUDY["report"]["reference"]]
+BUCKETED = [t for t, spec in STUDY["tasks"].items() if spec.get("size_buckets_mm3")]
+REPORT_PARAMS = {"report": STUDY["report"], "tasks": STUDY["tasks"], "inits": STUDY["finetune"]["inits"]}
 
 
 def table2_outputs():
     return [path(paths.TABLE2), path(paths.TABLE2_MD)]
 
 
+def report_outputs():
+    """Every configured table and figure: the default target."""
+    out = []
+    for name in configured_tables(STUDY):
+        out += [table_path(name), table_path(name, "md")]
+    for ext in ("png", "svg"):
+        out.append(figure_path("table4_label_ratios", ext))
+        for task in STUDY["tasks"]:
+            out += [figure_path(f"loss_curves_{task}", ext), figure_path(f"qualitative_{task}", ext)]
+    return out
+
+
 rule report_table2:
     output:
         csv=report(path(paths.TABLE2), caption="../report/table2.rst", category="Tables"),
-        md=path(paths.TABLE2_MD),
+        md=report(path(paths.TABLE2_MD), caption="../report/table2.rst", category="Tables"),
+        hd95_csv=report(table_path("table2_hd95"), caption="../report/table2_hd95.rst", category="Tables"),
+        hd95_md=report(table_path("table2_hd95", "md"), caption="../report/table2_hd95.rst", category="Tables"),
     input:
-        evaluations=evaluation_files(),
+        evaluations=evaluation_files(inits=TABLE2_INITS, ratios=["1"]),
         tracking=TRACKING,
     params:
-        tasks=STUDY["tasks"],
+        **REPORT_PARAMS,
     threads: rule_threads("default")
     resources:
         **rule_resources("default"),
     log:
         log("report", "table2"),
     shell:
-        "sar3d report --config {STUDY_CONFIG} --evaluations {input.evaluations}"
+        "(sar3d report --config {STUDY_CONFIG} --evaluations {input.evaluations}"
+        " --out-csv {output.csv} --out-md {output.md}"
+        " && sar3d report --config {STUDY_CONFIG} --table table2_hd95 --evaluations {input.evaluations}"
+        " --out-csv {output.hd95_csv} --out-md {output.hd95_md}) > {log} 2>&1"
+
+
+rule report_table3:
+    output:
+        csv=report(table_path("table3"), caption="../report/table3.rst", category="Tables"),
+        md=report(table_path("table3", "md"), caption="../report/table3.rst", category="Tables"),
+    input:
+        evaluations=evaluation_files(tasks=BUCKETED, inits=TABLE3_INITS, ratios=["1"]),
+        tracking=TRACKING,
+    params:
+        **REPORT_PARAMS,
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
+    log:
+        log("report", "table3"),
+    shell:
+        "sar3d report --config {STUDY_CONFIG} --table table3 --evaluations {input.evaluations}"
         " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+
+
+rule report_table4:
+    output:
+        csv=report(table_path("table4"), caption="../report/table4.rst", category="Tables"),
+        md=report(table_path("table4", "md"), caption="../report/table4.rst", category="Tables"),
+        png=report(figure_path("table4_label_ratios", "png"), caption="../report/table4.rst", category="Figures"),
+        svg=figure_path("table4_label_ratios", "svg"),
+    input:
+        evaluations=evaluation_files(),
+        tracking=TRACKING,
+    params:
+        **REPORT_PARAMS,
+        ratios=STUDY["finetune"]["label_ratios"],
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
+    log:
+        log("report", "table4"),
+    shell:
+        "sar3d report --config {STUDY_CONFIG} --table table4 --evaluations {input.evaluations}"
+        " --out-csv {output.csv} --out-md {output.md} --out-figure {output.png} {output.svg} > {log} 2>&1"
+
+
+rule figure_loss_curves:
+    output:
+        png=report(figure_path("loss_curves_{task}", "png"), caption="../report/loss_curves.rst", category="Figures",
+                   subcategory="{task}"),
+        svg=figure_path("loss_curves_{task}", "svg"),
+    input:
+        # the curves are read from MLflow; the models order this job after every fine-tuning run
+        models=lambda wc: [
+            path(paths.FINETUNED, task=wc.task, init=init, ratio="1", fold=fold)
+            for init in STUDY["finetune"]["inits"]
+            for fold in task_folds(wc.task)
+        ],
+        tracking=TRACKING,
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
+    log:
+        log("figure", "loss_curves_{task}"),
+    shell:
+        "sar3d figure --config {STUDY_CONFIG} --kind loss --task {wildcards.task}"
+        " --out {output.png} {output.svg} > {log} 2>&1"
+
+
+rule figure_qualitative:
+    output:
+        png=report(figure_path("qualitative_{task}", "png"), caption="../report/qualitative.rst", category="Figures",
+                   subcategory="{task}"),
+        svg=figure_path("qualitative_{task}", "svg"),
+    input:
+        predictions=lambda wc: [prediction_folder(wc.task, init) for init in STUDY["finetune"]["inits"]],
+        split=path(paths.SPLIT, task="{task}", fold="0"),
+        data=path(paths.PREPROCESSED_TASK, task="{task}"),
+    params:
+        predictions=lambda wc: " ".join(
+            f"--prediction {init} {prediction_folder(wc.task, init)}" for init in STUDY["finetune"]["inits"]
+        ),
+        cases=STUDY["evaluate"]["save_predictions"],
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
+    log:
+        log("figure", "qualitative_{task}"),
+    shell:
+        "sar3d figure --config {STUDY_CONFIG} --kind qualitative --task {wildcards.task} --data {input.data}"
+        " --split {input.split} {params.predictions} --out {output.png} {output.svg} > {log} 2>&1"
+
+
+rule report_all:
+    input:
+        report_outputs(),

@@ -21,5 +21,5 @@ for _task, _spec in STUDY["tasks"].items():
         log:
             log("split", _task),
         shell:
-            "sar3d split --config {STUDY_CONFIG} --task {params.task}"
+            "SAR3D_RULE={rule} sar3d split --config {STUDY_CONFIG} --task {params.task}"
             " --data {input.data} --out-dir {params.out_dir} > {log} 2>&1"
