@@ -139,7 +139,14 @@ def test_finetune_from_pretrained_skips_output_layer(config, pancreas, brain, tm
     own = model.state_dict()
     for k, v in pretrained.state_dict().items():
         assert torch.equal(own[k], v) != (k in skipped), k
-    model, skipped = init_model(config, "brain_tumour", "sar", 0, path)  # 1 class: everything transfers
+    # 1 class: the shapes fit, but the restoration output layer is not reused by default ...
+    model, skipped = init_model(config, "brain_tumour", "sar", 0, path)
+    assert skipped == ["out_tr.final_conv.bias", "out_tr.final_conv.weight"]
+    head = "out_tr.final_conv.weight"
+    assert not torch.equal(model.state_dict()[head], pretrained.state_dict()[head])
+    # ... unless asked for
+    reuse = {**config, "finetune": {**config["finetune"], "transfer_output_layer": True}}
+    model, skipped = init_model(reuse, "brain_tumour", "sar", 0, path)
     assert skipped == []
 
     out = tmp_path / "ft2" / "model.pt"

@@ -96,11 +96,16 @@ def test_changing_one_fold_reruns_only_its_dependents(study: Path) -> None:
     # Snakemake compares checksums of small inputs, so a bare `touch` that keeps the
     # content is (rightly) not a change; an edited split file is.
     fold = study / "results" / "splits" / "pancreas" / "fold1.json"
-    fold.write_text(fold.read_text() + "\n")
-    jobs = planned_jobs(snakemake(study, "-n"))
+    original = fold.read_text()
+    fold.write_text(original + "\n")
+    try:
+        jobs = planned_jobs(snakemake(study, "-n"))
+    finally:
+        fold.write_text(original)  # same content again: nothing to rerun for the tests that follow
     assert jobs == {
         "finetune": 3, "evaluate": 3, "report_table2": 1, "report_table4": 1, "figure_loss_curves": 1, "all": 1
     }, jobs
+    assert "Nothing to be done" in snakemake(study, "-n").stdout
 
 
 def test_mlflow_has_a_run_per_job_with_metrics(study: Path) -> None:
@@ -124,3 +129,60 @@ def test_mlflow_has_a_run_per_job_with_metrics(study: Path) -> None:
     history = client.get_metric_history(sar.info.run_id, "train/loss_res")
     assert len(history) == 2  # one point per epoch
     shutil.rmtree(study / ".snakemake" / "locks", ignore_errors=True)
+
+
+def test_a_killed_fold_reruns_alone_and_resumes(study: Path) -> None:
+    """Kill one fold's fine-tuning mid-training; the rerun redoes only that fold, from its checkpoint.
+
+    The other folds' outputs and MLflow runs must be untouched, and the killed
+    job's MLflow run is continued, not duplicated.
+    """
+    import signal
+    import time
+
+    import mlflow
+
+    results = study / "results"
+    target = results / "models" / "finetune" / "pancreas" / "sar" / "r1" / "fold1"
+    (target / "checkpoint.pt").unlink()  # a fresh job, not the finished one's state
+    outputs = sorted(p for p in results.glob("models/finetune/**/model.pt") if target not in p.parents)
+    outputs += sorted(results.glob("eval/**/*.csv"))
+    before = {p: p.stat().st_mtime_ns for p in outputs if target.name not in p.name or "sar" not in str(p)}
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sar3d-tests")
+    runs_before = {r.info.run_id: r.info.end_time for r in client.search_runs([experiment.experiment_id])}
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(study), "--cores", "1",
+           "--forcerun", str((target / "model.pt").relative_to(study)), "--until", "finetune"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (target / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the training job, mid-run
+    proc.wait()
+    assert (target / "checkpoint.pt").exists(), "the job never reached its first checkpoint"
+    assert not (target / "model.pt").exists(), "a killed job must not leave a finished-looking model"
+
+    jobs = planned_jobs(snakemake(study, "-n"))
+    assert jobs.get("finetune") == 1 and jobs.get("evaluate") == 1, jobs
+    snakemake(study, "--cores", "2")
+    assert (target / "model.pt").exists()
+    log = (results / "logs" / "finetune" / "pancreas-sar-r1-fold1.log").read_text()
+    assert "resuming from" in log
+    for path, mtime in before.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
+    runs_after = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+    for run_id, end_time in runs_before.items():
+        run = runs_after[run_id]
+        if run.data.tags.get("stage") in ("finetune", "evaluate") and not (
+            run.data.tags.get("init") == "sar" and run.data.tags.get("fold") == "1"
+            and run.data.tags.get("task") == "pancreas"
+        ):
+            assert run.info.end_time == end_time, f"run {run.data.tags.get('job_key')} was touched"
+    killed_job = [
+        r for r in runs_after.values()
+        if r.data.tags.get("job_key") == "finetune/fold=1/init=sar/ratio=1.0/task=pancreas"
+    ]
+    assert len(killed_job) == 2  # the original run, and one run for the forced rerun (continued after the kill)
+    assert all(r.info.status == "FINISHED" for r in killed_job)

@@ -92,6 +92,9 @@ def collate(samples: list[dict[str, Any]], device: torch.device) -> tuple[torch.
     return engine.to_device(images, device), engine.to_device(labels, device)
 
 
+OUTPUT_LAYER = "out_tr."
+
+
 def init_model(
     config: dict[str, Any], task: str, init: str, fold: int, pretrained: Path | None
 ) -> tuple[torch.nn.Module, list[str]]:
@@ -104,7 +107,10 @@ def init_model(
     if init != SCRATCH:
         if pretrained is None:
             raise ValueError(f"init '{init}' needs --pretrained weights")
-        skipped = list(transfer_weights(model, load_state_dict_file(pretrained)))
+        # The restoration head maps features to intensities; a segmentation head starts
+        # fresh (nnU-Net transfers likewise) unless the config asks to reuse it.
+        exclude = () if config["finetune"]["transfer_output_layer"] else (OUTPUT_LAYER,)
+        skipped = list(transfer_weights(model, load_state_dict_file(pretrained), exclude=exclude))
         log.info("transferred %s; kept random init for %s", pretrained, skipped or "nothing")
     return model, skipped
 

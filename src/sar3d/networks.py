@@ -261,16 +261,22 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return _strip_module_prefix(obj)
 
 
-def transfer_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+def transfer_weights(
+    model: nn.Module, state_dict: Mapping[str, Tensor], exclude: Sequence[str] = ()
+) -> list[str]:
     """Load every entry whose name and shape match ``model``; return the skipped names, sorted.
 
     nnU-Net-style transfer: a fine-tuning model with a different output class
-    count keeps its freshly initialised ``out_tr.final_conv.*``. Raises when
-    nothing matches, because that always means the wrong file or architecture.
+    count keeps its freshly initialised ``out_tr.final_conv.*``; names starting
+    with a prefix in ``exclude`` are skipped too. Raises when nothing matches,
+    because that always means the wrong file or architecture.
     """
     own = model.state_dict()
     state_dict = _strip_module_prefix(state_dict)
-    matched = {k: v for k, v in state_dict.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    matched = {
+        k: v for k, v in state_dict.items()
+        if k in own and tuple(v.shape) == tuple(own[k].shape) and not k.startswith(tuple(exclude))
+    }
     if not matched:
         raise ValueError(
             f"no entry of the state dict matches the model by name and shape "

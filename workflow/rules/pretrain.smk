@@ -13,6 +13,8 @@ rule pretrain:
         pretrain=settings("pretrain", "methods", "num_workers", "device"),
         seed=SEED,
         checkpoint=lambda wc: path(paths.PRETRAIN_CHECKPOINT, method=wc.method),
+    # on the critical path: start as soon as the cubes exist, before fine-tuning from scratch
+    priority: 10
     threads: rule_threads("pretrain")
     resources:
         **rule_resources("pretrain"),
