@@ -132,10 +132,13 @@ def test_mlflow_has_a_run_per_job_with_metrics(study: Path) -> None:
 
 
 def test_a_killed_fold_reruns_alone_and_resumes(study: Path) -> None:
-    """Kill one fold's fine-tuning mid-training; the rerun redoes only that fold, from its checkpoint.
+    """A fold whose fine-tuning is killed mid-training reruns alone, from its checkpoint.
 
-    The other folds' outputs and MLflow runs must be untouched, and the killed
-    job's MLflow run is continued, not duplicated.
+    The fold is first made "never finished" (its model, checkpoint and evaluation
+    removed, and the tables that a failed study never reached), then its job is
+    SIGKILLed after the first epoch's checkpoint. The rerun must plan only that fine-tuning and its evaluation (plus the tables),
+    resume from the checkpoint, leave the other folds' outputs and MLflow runs
+    untouched, and continue the killed job's MLflow run instead of adding one.
     """
     import signal
     import time
@@ -144,17 +147,22 @@ def test_a_killed_fold_reruns_alone_and_resumes(study: Path) -> None:
 
     results = study / "results"
     target = results / "models" / "finetune" / "pancreas" / "sar" / "r1" / "fold1"
-    (target / "checkpoint.pt").unlink()  # a fresh job, not the finished one's state
-    outputs = sorted(p for p in results.glob("models/finetune/**/model.pt") if target not in p.parents)
-    outputs += sorted(results.glob("eval/**/*.csv"))
-    before = {p: p.stat().st_mtime_ns for p in outputs if target.name not in p.name or "sar" not in str(p)}
+    evaluation = results / "eval" / "pancreas" / "sar" / "r1" / "fold1.csv"
+    for path in (target / "checkpoint.pt", target / "model.pt", evaluation, evaluation.with_suffix(".json")):
+        path.unlink()
+    shutil.rmtree(evaluation.with_name("fold1_pred"))
+    # as after a first run that failed at this fold: no tables or figures either
+    shutil.rmtree(results / "tables")
+    shutil.rmtree(results / "figures")
+    others = sorted(results.glob("models/finetune/**/model.pt")) + sorted(results.glob("eval/**/*.csv"))
+    before = {p: p.stat().st_mtime_ns for p in others}
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sar3d-tests")
     runs_before = {r.info.run_id: r.info.end_time for r in client.search_runs([experiment.experiment_id])}
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(study), "--cores", "1",
-           "--forcerun", str((target / "model.pt").relative_to(study)), "--until", "finetune"]
+           str(evaluation.relative_to(study))]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (target / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -164,10 +172,11 @@ def test_a_killed_fold_reruns_alone_and_resumes(study: Path) -> None:
     assert (target / "checkpoint.pt").exists(), "the job never reached its first checkpoint"
     assert not (target / "model.pt").exists(), "a killed job must not leave a finished-looking model"
 
+    snakemake(study, "--unlock")  # a SIGKILLed snakemake leaves its lock behind
     jobs = planned_jobs(snakemake(study, "-n"))
     assert jobs.get("finetune") == 1 and jobs.get("evaluate") == 1, jobs
     snakemake(study, "--cores", "2")
-    assert (target / "model.pt").exists()
+    assert (target / "model.pt").exists() and evaluation.exists()
     log = (results / "logs" / "finetune" / "pancreas-sar-r1-fold1.log").read_text()
     assert "resuming from" in log
     for path, mtime in before.items():
@@ -175,14 +184,13 @@ def test_a_killed_fold_reruns_alone_and_resumes(study: Path) -> None:
     runs_after = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
     for run_id, end_time in runs_before.items():
         run = runs_after[run_id]
-        if run.data.tags.get("stage") in ("finetune", "evaluate") and not (
-            run.data.tags.get("init") == "sar" and run.data.tags.get("fold") == "1"
-            and run.data.tags.get("task") == "pancreas"
-        ):
+        if run.data.tags.get("stage") in ("finetune", "evaluate"):
             assert run.info.end_time == end_time, f"run {run.data.tags.get('job_key')} was touched"
     killed_job = [
         r for r in runs_after.values()
-        if r.data.tags.get("job_key") == "finetune/fold=1/init=sar/ratio=1.0/task=pancreas"
+        if r.data.tags.get("stage") == "finetune" and r.data.tags.get("task") == "pancreas"
+        and r.data.tags.get("init") == "sar" and r.data.tags.get("fold") == "1"
     ]
-    assert len(killed_job) == 2  # the original run, and one run for the forced rerun (continued after the kill)
+    # the first study's run, and one run for the rerun: opened before the kill, continued after it
+    assert len(killed_job) == 2, [r.info.run_id for r in killed_job]
     assert all(r.info.status == "FINISHED" for r in killed_job)
