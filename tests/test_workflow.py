@@ -135,10 +135,11 @@ def test_a_killed_fold_reruns_alone_and_resumes(study: Path) -> None:
     """A fold whose fine-tuning is killed mid-training reruns alone, from its checkpoint.
 
     The fold is first made "never finished" (its model, checkpoint and evaluation
-    removed, and the tables that a failed study never reached), then its job is
-    SIGKILLed after the first epoch's checkpoint. The rerun must plan only that fine-tuning and its evaluation (plus the tables),
-    resume from the checkpoint, leave the other folds' outputs and MLflow runs
-    untouched, and continue the killed job's MLflow run instead of adding one.
+    removed, and the tables a failed study never reached), then its job is
+    SIGKILLed after the first epoch's checkpoint. The rerun must plan only that
+    fine-tuning and its evaluation (plus the tables), resume from the checkpoint,
+    leave the other folds' outputs and MLflow runs untouched, and continue the
+    killed job's MLflow run instead of adding one.
     """
     import signal
     import time
