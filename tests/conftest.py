@@ -35,3 +35,9 @@ def tracked_config(tiny_config: dict[str, Any], mlflow_store: str, request: pyte
     """The tiny study, validated, logging into the shared store under an experiment of its own."""
     tracking = {"uri": mlflow_store, "experiment": request.node.nodeid}
     return validate_config({**tiny_config, "tracking": tracking})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MLflow store per test module: creating a sqlite store costs seconds."""
+    return tmp_path_factory.mktemp("mlflow")

@@ -13,29 +13,21 @@ import pandas as pd
 import pytest
 import torch
 
-from sar3d.config import load_config
 from sar3d.evaluate import CSV_COLUMNS, dice_score, run_evaluate, sidecar_path
 from sar3d.finetune import init_model, run_finetune, training_cases
 from sar3d.io import save_volume, write_json
 from sar3d.networks import UNet3D, load_state_dict_file
+from tinystudy import unit_config
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPE = (24, 24, 16)  # smaller than the patch in x/y: exercises padding and sliding-window padding
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One MLflow store for the module: creating a sqlite store costs seconds."""
-    return tmp_path_factory.mktemp("mlflow")
 
 
 @pytest.fixture
 def config(store: Path) -> dict[str, Any]:
-    return load_config(
-        REPO / "config.yaml",
+    return unit_config(
+        store,
+        "finetune-tests",
         {
-            "results_dir": str(store / "results"),
-            "tracking": {"uri": f"sqlite:///{store}/mlflow.db", "experiment": "finetune-tests"},
             "pretrain": {"width": 0.125},
             "tasks": {"brain_tumour": {"size_buckets_mm3": [100, 400]}},
             "finetune": {"patch_size": [32, 32, 16], "epochs": 2, "steps_per_epoch": 2, "batch_size": 2,

@@ -14,23 +14,17 @@ import pytest
 from sar3d.config import load_config
 from sar3d.evaluate import CSV_COLUMNS
 from sar3d.report import run_report
+from tinystudy import unit_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One MLflow store for the module: creating a sqlite store costs seconds."""
-    return tmp_path_factory.mktemp("mlflow")
-
-
 @pytest.fixture
 def config(store: Path) -> dict[str, Any]:
-    return load_config(
-        REPO / "config.yaml",
+    return unit_config(
+        store,
+        "report-tests",
         {
-            "results_dir": str(store / "results"),
-            "tracking": {"uri": f"sqlite:///{store}/mlflow.db", "experiment": "report-tests"},
             "finetune": {"inits": ["scratch", "genesis", "sar"]},
             "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
         },

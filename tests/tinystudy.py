@@ -32,3 +32,14 @@ def tiny_study(results_dir: Path) -> dict[str, Any]:
     config["finetune"].update(patch_size=[32, 32, 16], epochs=2, steps_per_epoch=2, batch_size=2)
     config["resources"] = {group: {"threads": 1} for group in ("pretrain", "finetune", "evaluate")}
     return config
+
+
+def unit_config(store: Path, experiment: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The default study validated with ``overrides``, its results and MLflow store under ``store``."""
+    from sar3d.config import load_config
+
+    base = {
+        "results_dir": str(store / "results"),
+        "tracking": {"uri": f"sqlite:///{store}/mlflow.db", "experiment": experiment},
+    }
+    return load_config(REPO / "config.yaml", {**base, **overrides})
