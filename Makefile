@@ -3,7 +3,8 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-CORES ?= 2
+# One job per core (training jobs use one thread each); `make study CORES=4` to limit.
+CORES ?= $(shell nproc 2>/dev/null || echo 2)
 # The CPU wheel here; on a CUDA box use e.g. TORCH_SPEC="torch==2.13.0" with the PyPI CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin

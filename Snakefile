@@ -23,6 +23,11 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# The target rule only collects files: never a cluster job of its own.
+localrules:
+    all,
+
+
 rule all:
     default_target: True
     input:

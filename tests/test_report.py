@@ -25,7 +25,7 @@ def config(store: Path) -> dict[str, Any]:
         store,
         "report-tests",
         {
-            "finetune": {"inits": ["scratch", "genesis", "sar"]},
+            "finetune": {"inits": ["scratch", "genesis", "sar"], "ablation_inits": [], "label_ratios": [1]},
             "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
         },
     )
@@ -246,13 +246,14 @@ def test_partial_grid_from_existing_files_with_run_ids(config, tmp_path):
 
 
 def test_table3_only_when_configured_and_table4_with_figure(config, tmp_path):
-    from sar3d.report import configured_tables, read_grid, write_table
+    from sar3d.grid import configured_tables
+    from sar3d.report import read_grid, write_table
 
     assert "table3" not in configured_tables(config)
     ablation = load_config(REPO / "config.yaml", {
         "results_dir": config["results_dir"], "tracking": config["tracking"],
         "pretrain": {"methods": ["genesis", "sar", "sar_s2", "sar_s8"]},
-        "finetune": {"inits": ["scratch", "sar_s2", "sar_s8", "sar"], "label_ratios": [1, 0.5]},
+        "finetune": {"inits": ["scratch", "sar"], "ablation_inits": ["sar_s2", "sar_s8"], "label_ratios": [1, 0.5]},
         "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
     })
     assert configured_tables(ablation) == ["table2", "table2_hd95", "table3", "table4"]

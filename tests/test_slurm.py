@@ -7,11 +7,15 @@ apt-get when missing). Outside CI the test skips when that is impossible; with C
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from slurm import fixtures as slurm_fixtures
+
+from tinystudy import REPO, planned_jobs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
@@ -108,3 +112,26 @@ def test_workflow_runs_as_slurm_jobs(slurm_cluster: dict[str, str], tmp_path: Pa
         job = jobs[job_id]
         assert job["state"] == "COMPLETED", (name, job)
         assert job["comment"].startswith(f"rule_{OUTPUTS[name]}"), (name, job)
+        # the rule's resources reached sbatch: only the GPU rule holds the (fake) GPU
+        assert (job["gres"] == "gres:gpu:1") == (OUTPUTS[name] == "train_gpu"), (name, job)
+        assert job["memory"] == "200M", (name, job)
+
+
+def test_slurm_dry_run_of_the_default_study_shows_every_job_with_its_resources(tmp_path: Path) -> None:
+    """`snakemake --profile profiles/slurm -n` (no cluster needed): what each job would ask sbatch for."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    proc = slurm_fixtures.run_snakemake(
+        ["-s", str(REPO / "Snakefile"), "--profile", str(slurm_fixtures.PROFILE), "-n"], tmp_path,
+        slurm_fixtures.cluster_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    blocks = re.findall(r"^rule (\w+):\n(.*?)(?=^\[|\Z)", proc.stdout, flags=re.M | re.S)
+    planned = planned_jobs(subprocess.CompletedProcess([], 0, proc.stdout, ""))
+    assert len(blocks) == sum(planned.values()) > 100
+    for rule, body in blocks:
+        if rule == "all":  # a local rule: collects the targets, never submitted
+            continue
+        resources = dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"resources: (.*)", body).group(1)))
+        assert resources["slurm_partition"] == "main", (rule, resources)
+        assert int(resources["mem_mb"]) > 0 and int(resources["runtime"]) > 0, (rule, resources)
+        assert (resources.get("gpu") == "1") == (rule in ("pretrain", "finetune", "evaluate")), (rule, resources)

@@ -1,60 +1,79 @@
 """The study as a DAG: every stage listed, a tiny end-to-end run, incremental reruns, MLflow.
 
 One module-scoped tiny study is run once and then inspected by several tests,
-since an end-to-end run is the expensive part.
+since an end-to-end run is the expensive part. It runs as Slurm jobs through
+``profiles/slurm`` on the local single-node test cluster wherever that can be
+brought up (root; always in CI, where failing to is an error), else with the
+local executor; the tests that need Slurm say why they skip.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
+import signal
 import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from slurm import fixtures as slurm_fixtures
 
-from tinystudy import REPO, tiny_study
+from tinystudy import (
+    REPO,
+    UnfinishedFold,
+    failure_report,
+    local_env,
+    mlflow_runs,
+    planned_jobs,
+    snakemake,
+    snakemake_cmd,
+    tiny_study,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("workflow")]
 
 STAGES = (
     "tracking_init", "download", "normalise_pretrain", "normalise_task", "split_brain_tumour",
-    "split_pancreas", "cubes", "pretrain", "finetune", "evaluate", "report_table2", "report_table4",
+    "split_pancreas", "cubes", "pretrain", "finetune", "evaluate", "report_table2", "report_table3", "report_table4",
     "figure_loss_curves", "figure_qualitative",
 )
+# Short jobs on a local cluster: poll often, fail fast, no shared filesystem to wait for.
+SLURM_ARGS = (
+    "--profile", str(slurm_fixtures.PROFILE), "--seconds-between-status-checks", "2",
+    "--slurm-init-seconds-before-status-checks", "2", "--retries", "0", "--latency-wait", "5",
+)
+TRAINING_RULES = {"pretrain", "finetune", "evaluate"}
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if check and proc.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in workdir.glob("results/logs/*/*.log"))
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-6000:]}\n{logs[-12000:]}")
-    return proc
+@dataclass
+class Study:
+    workdir: Path
+    slurm: dict[str, str] | None  # the cluster's env when the study ran on Slurm
+    why_local: str  # why it did not, otherwise
 
 
-def planned_jobs(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
-    """Job counts per rule from a dry run's job stats table."""
-    counts: dict[str, int] = {}
-    for line in proc.stdout.splitlines():
-        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
-        if match and match.group(1) != "total":
-            counts[match.group(1)] = int(match.group(2))
-    return counts
+def run_on_slurm(study: Study, *args: str, timeout: float = 1200) -> None:
+    assert study.slurm is not None
+    proc = slurm_fixtures.run_snakemake(snakemake_cmd(study.workdir, *SLURM_ARGS, *args)[3:], study.workdir,
+                                        study.slurm, timeout=timeout)
+    assert proc.returncode == 0, f"snakemake on Slurm failed:\n{failure_report(study.workdir, proc.stdout)}"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     workdir = tmp_path_factory.mktemp("study")
     config = tiny_study(Path("results"))
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    snakemake(workdir, "--cores", "2")
-    return workdir
+    env, reason = slurm_fixtures.cluster_or_reason()
+    out = Study(workdir, env, reason)
+    if env is None:
+        snakemake(workdir, "--cores", "2")
+    else:
+        run_on_slurm(out)
+    return out
 
 
 def test_dry_run_lists_every_stage(tmp_path: Path) -> None:
@@ -62,9 +81,25 @@ def test_dry_run_lists_every_stage(tmp_path: Path) -> None:
     jobs = planned_jobs(snakemake(tmp_path, "-n"))
     for stage in STAGES:
         assert jobs.get(stage, 0) >= 1, f"stage {stage} missing from the dry run: {jobs}"
-    # 3 inits x (1 brain trial + 2 pancreas folds) x 1 ratio
-    assert jobs["finetune"] == 9
-    assert jobs["evaluate"] == 9
+    # 3 inits x (1 brain trial + 2 pancreas folds) x 1 ratio, + the sar_s2 ablation on the brain trial
+    assert jobs["finetune"] == jobs["evaluate"] == 10
+    assert jobs["pretrain"] == 3
+
+
+def test_default_study_plans_every_table_and_figure(tmp_path: Path) -> None:
+    """The README's `make study` builds the whole grid of sar3d.grid, Tables 2-4 and every figure."""
+    from sar3d.config import load_config
+    from sar3d.grid import configured_tables, finetune_jobs
+
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    jobs = planned_jobs(snakemake(tmp_path, "-n"))
+    config = load_config(REPO / "config.yaml")
+    assert configured_tables(config) == ["table2", "table2_hd95", "table3", "table4"]
+    assert jobs["finetune"] == jobs["evaluate"] == len(finetune_jobs(config))
+    assert jobs["pretrain"] == len(config["pretrain"]["methods"])
+    for rule in ("report_table2", "report_table3", "report_table4"):
+        assert jobs[rule] == 1, rule
+    assert jobs["figure_loss_curves"] == jobs["figure_qualitative"] == len(config["tasks"])
 
 
 def test_unknown_config_key_fails_before_any_job(tmp_path: Path) -> None:
@@ -75,123 +110,130 @@ def test_unknown_config_key_fails_before_any_job(tmp_path: Path) -> None:
     assert not (tmp_path / "results" / "raw").exists()
 
 
-def test_study_produces_table2(study: Path) -> None:
-    table = pd.read_csv(study / "results" / "tables" / "table2.csv")
-    md = (study / "results" / "tables" / "table2.md").read_text()
+def test_study_produces_every_table_and_figure(study: Study) -> None:
+    results = study.workdir / "results"
+    table = pd.read_csv(results / "tables" / "table2.csv")
+    md = (results / "tables" / "table2.md").read_text()
     for method in ("scratch", "genesis", "sar"):
         assert method in md.lower()
     assert len(table) >= 3
+    table3 = pd.read_csv(results / "tables" / "table3.csv")
+    assert set(table3["init"]) == {"sar_s2", "sar"} and set(table3["task"]) == {"brain_tumour"}
+    assert (results / "tables" / "table4.md").exists()
     for name in ("loss_curves_pancreas", "qualitative_brain_tumour", "table4_label_ratios"):
-        assert (study / "results" / "figures" / f"{name}.png").stat().st_size > 1000, name
+        assert (results / "figures" / f"{name}.png").stat().st_size > 1000, name
     # no finished-looking leftovers of atomic writes
-    assert not list((study / "results").rglob("*.partial*"))
+    assert not list(results.rglob("*.partial*"))
 
 
-def test_second_run_does_nothing(study: Path) -> None:
-    proc = snakemake(study, "-n")
+def test_every_job_ran_as_a_slurm_job_with_its_resources(study: Study) -> None:
+    if study.slurm is None:
+        pytest.skip(f"the study ran with the local executor: {study.why_local}")
+    runs = [r for r in mlflow_runs(study.workdir) if r.data.tags.get("stage") in TRAINING_RULES]
+    job_ids = [r.data.tags.get("slurm_job_id", "") for r in runs]
+    assert all(job_ids), "a training/evaluation run has no Slurm job id"
+    assert len(set(job_ids)) == len(job_ids), "two runs share one Slurm job"
+    assert set(job_ids) <= slurm_fixtures.submitted_job_ids(study.slurm)
+    jobs = slurm_fixtures.slurm_jobs(study.slurm, job_ids)
+    config = yaml.safe_load((study.workdir / "config.yaml").read_text())
+    for run in runs:
+        rule = run.data.tags["stage"]
+        job = jobs[run.data.tags["slurm_job_id"]]
+        assert job["state"] == "COMPLETED", job
+        assert job["comment"].startswith(f"rule_{rule}"), job
+        # the config's resources for the rule reached sbatch: one CPU, a (fake) GPU, memory, time
+        assert job["cpus"] == str(config["resources"][rule]["threads"]), job
+        assert job["gres"] == "gres:gpu:1", job
+        assert job["memory"].endswith(("M", "G")) and job["time_limit"] != "UNLIMITED", job
+
+
+def test_second_run_does_nothing(study: Study) -> None:
+    proc = snakemake(study.workdir, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_changing_one_fold_reruns_only_its_dependents(study: Path) -> None:
+def test_changing_one_fold_reruns_only_its_dependents(study: Study) -> None:
     # Snakemake compares checksums of small inputs, so a bare `touch` that keeps the
     # content is (rightly) not a change; an edited split file is.
-    fold = study / "results" / "splits" / "pancreas" / "fold1.json"
+    fold = study.workdir / "results" / "splits" / "pancreas" / "fold1.json"
     original = fold.read_text()
     fold.write_text(original + "\n")
     try:
-        jobs = planned_jobs(snakemake(study, "-n"))
+        jobs = planned_jobs(snakemake(study.workdir, "-n"))
     finally:
         fold.write_text(original)  # same content again: nothing to rerun for the tests that follow
     assert jobs == {
         "finetune": 3, "evaluate": 3, "report_table2": 1, "report_table4": 1, "figure_loss_curves": 1, "all": 1
     }, jobs
-    assert "Nothing to be done" in snakemake(study, "-n").stdout
+    assert "Nothing to be done" in snakemake(study.workdir, "-n").stdout
 
 
-def test_mlflow_has_a_run_per_job_with_metrics(study: Path) -> None:
+def test_mlflow_has_a_run_per_job_with_metrics(study: Study) -> None:
     import mlflow
 
-    uri = f"sqlite:///{study / 'results' / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("sar3d-tests")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
     by_stage: dict[str, list] = {}
-    for run in runs:
+    for run in mlflow_runs(study.workdir):
         by_stage.setdefault(run.data.tags.get("stage", "?"), []).append(run)
-    assert len(by_stage.get("pretrain", [])) == 2
-    assert len(by_stage.get("finetune", [])) == 9
-    assert len(by_stage.get("evaluate", [])) == 9
+    assert len(by_stage.get("pretrain", [])) == 3
+    assert len(by_stage.get("finetune", [])) == 10
+    assert len(by_stage.get("evaluate", [])) == 10
     for run in by_stage["pretrain"] + by_stage["finetune"] + by_stage["evaluate"]:
         assert run.info.status == "FINISHED"
         assert run.data.metrics, f"run {run.data.tags['job_key']} logged no metrics"
         assert run.data.params, f"run {run.data.tags['job_key']} logged no params"
     sar = next(r for r in by_stage["pretrain"] if r.data.tags.get("method") == "sar")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{study.workdir / 'results' / 'mlflow.db'}")
     history = client.get_metric_history(sar.info.run_id, "train/loss_res")
     assert len(history) == 2  # one point per epoch
-    shutil.rmtree(study / ".snakemake" / "locks", ignore_errors=True)
 
 
-def test_a_killed_fold_reruns_alone_and_resumes(study: Path) -> None:
-    """A fold whose fine-tuning is killed mid-training reruns alone, from its checkpoint.
+def test_a_fold_killed_on_slurm_reruns_alone_and_resumes(study: Study) -> None:
+    """A fold whose Slurm job is killed (SIGKILL, as on a node failure) reruns alone, from its checkpoint.
 
-    The fold is first made "never finished" (its model, checkpoint and evaluation
-    removed, and the tables a failed study never reached), then its job is
-    SIGKILLed after the first epoch's checkpoint. The rerun must plan only that
+    Snakemake sees the job fail and stops; the rerun must plan only that
     fine-tuning and its evaluation (plus the tables), resume from the checkpoint,
     leave the other folds' outputs and MLflow runs untouched, and continue the
     killed job's MLflow run instead of adding one.
     """
-    import signal
-    import time
+    if study.slurm is None:
+        pytest.skip(f"the study ran with the local executor: {study.why_local}")
+    fold = UnfinishedFold.make(study.workdir)
+    cmd = [*snakemake_cmd(study.workdir, *SLURM_ARGS, fold.target)]
+    proc = subprocess.Popen(cmd, env=study.slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        fold.wait_for_checkpoint(proc)
+        running = [j for j in slurm_fixtures.slurm_jobs(study.slurm).values()
+                   if j["state"] == "RUNNING" and j["comment"].startswith("rule_finetune")]
+        assert len(running) == 1, running
+        subprocess.run(["scancel", "--signal=KILL", "--full", running[0]["id"]], env=study.slurm, check=True)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    assert proc.returncode != 0, f"snakemake did not notice the killed job:\n{out[-4000:]}"
+    fold.check_killed()
 
-    import mlflow
+    jobs = planned_jobs(snakemake(study.workdir, "-n"))
+    assert jobs.get("finetune") == 1 and jobs.get("evaluate") == 1, jobs
+    run_on_slurm(study)
+    fold.check_rerun()
 
-    results = study / "results"
-    target = results / "models" / "finetune" / "pancreas" / "sar" / "r1" / "fold1"
-    evaluation = results / "eval" / "pancreas" / "sar" / "r1" / "fold1.csv"
-    for path in (target / "checkpoint.pt", target / "model.pt", evaluation, evaluation.with_suffix(".json")):
-        path.unlink()
-    shutil.rmtree(evaluation.with_name("fold1_pred"))
-    # as after a first run that failed at this fold: no tables or figures either
-    shutil.rmtree(results / "tables")
-    shutil.rmtree(results / "figures")
-    others = sorted(results.glob("models/finetune/**/model.pt")) + sorted(results.glob("eval/**/*.csv"))
-    before = {p: p.stat().st_mtime_ns for p in others}
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("sar3d-tests")
-    runs_before = {r.info.run_id: r.info.end_time for r in client.search_runs([experiment.experiment_id])}
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(study), "--cores", "1",
-           str(evaluation.relative_to(study))]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (target / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+def test_a_killed_local_fold_reruns_alone_and_resumes(study: Study) -> None:
+    """The same with the local executor, snakemake itself SIGKILLed with its job (a laptop crash)."""
+    fold = UnfinishedFold.make(study.workdir)
+    cmd = snakemake_cmd(study.workdir, "--cores", "1", fold.target)
+    proc = subprocess.Popen(cmd, env=local_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    fold.wait_for_checkpoint(proc)
     os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the training job, mid-run
     proc.wait()
-    assert (target / "checkpoint.pt").exists(), "the job never reached its first checkpoint"
-    assert not (target / "model.pt").exists(), "a killed job must not leave a finished-looking model"
+    fold.check_killed()
 
-    snakemake(study, "--unlock")  # a SIGKILLed snakemake leaves its lock behind
-    jobs = planned_jobs(snakemake(study, "-n"))
+    snakemake(study.workdir, "--unlock")  # a SIGKILLed snakemake leaves its lock behind
+    jobs = planned_jobs(snakemake(study.workdir, "-n"))
     assert jobs.get("finetune") == 1 and jobs.get("evaluate") == 1, jobs
-    snakemake(study, "--cores", "2")
-    assert (target / "model.pt").exists() and evaluation.exists()
-    log = (results / "logs" / "finetune" / "pancreas-sar-r1-fold1.log").read_text()
-    assert "resuming from" in log
-    for path, mtime in before.items():
-        assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
-    runs_after = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
-    for run_id, end_time in runs_before.items():
-        run = runs_after[run_id]
-        if run.data.tags.get("stage") in ("finetune", "evaluate"):
-            assert run.info.end_time == end_time, f"run {run.data.tags.get('job_key')} was touched"
-    killed_job = [
-        r for r in runs_after.values()
-        if r.data.tags.get("stage") == "finetune" and r.data.tags.get("task") == "pancreas"
-        and r.data.tags.get("init") == "sar" and r.data.tags.get("fold") == "1"
-    ]
-    # the first study's run, and one run for the rerun: opened before the kill, continued after it
-    assert len(killed_job) == 2, [r.info.run_id for r in killed_job]
-    assert all(r.info.status == "FINISHED" for r in killed_job)
+    snakemake(study.workdir, "--cores", "2")
+    fold.check_rerun()

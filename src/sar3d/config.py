@@ -98,11 +98,22 @@ def _cross_check(config: dict[str, Any]) -> None:
         if method not in BUILTIN_PRETRAIN_METHODS:
             known = ", ".join(BUILTIN_PRETRAIN_METHODS)
             raise ConfigError(f"config key 'pretrain.methods': unknown method '{method}' (known: {known})")
-    for init in config["finetune"]["inits"]:
-        if init != SCRATCH and init not in config["pretrain"]["methods"]:
-            raise ConfigError(
-                f"config key 'finetune.inits': '{init}' is neither 'scratch' nor in 'pretrain.methods'"
-            )
+    for key in ("inits", "ablation_inits"):
+        for init in config["finetune"][key]:
+            if init != SCRATCH and init not in config["pretrain"]["methods"]:
+                raise ConfigError(
+                    f"config key 'finetune.{key}': '{init}' is neither 'scratch' nor in 'pretrain.methods'"
+                )
+    if 1 not in config["finetune"]["label_ratios"]:
+        raise ConfigError(
+            "config key 'finetune.label_ratios': must contain 1 (Tables 2 and 3 and the figures use all labels)"
+        )
+    reference = config["report"]["reference"]
+    if config["finetune"]["ablation_inits"] and reference not in config["finetune"]["inits"]:
+        raise ConfigError(
+            f"config key 'report.reference': Table 3 compares 'finetune.ablation_inits' with '{reference}', "
+            "which must be in 'finetune.inits'"
+        )
     cubes = config["cubes"]
     if len(cubes["scales"]) != len(cubes["ratio"]):
         raise ConfigError("config key 'cubes.ratio': needs one entry per entry of 'cubes.scales'")

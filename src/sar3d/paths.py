@@ -28,6 +28,8 @@ TABLE_MD = "{results}/tables/{table}.md"
 FIGURE = "{results}/figures/{figure}.{ext}"
 TRACKING_READY = "{results}/mlflow/experiment.json"
 LOGS = "{results}/logs/{rule}/{name}.log"
+# Snakemake `benchmark:` files (wall time, max RSS, CPU time per job): sizes Slurm requests.
+BENCHMARKS = "{results}/benchmarks/{rule}/{name}.tsv"
 
 # Manifest written last inside every dataset folder: its presence marks the folder complete.
 MANIFEST = "manifest.json"

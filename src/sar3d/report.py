@@ -10,7 +10,8 @@ columns = :class:`Column`); only the specs differ:
   ``Tumour``). ``table2_hd95`` is the same grid for HD95 (mm, lower is better).
 * ``table3`` - the single-scale ablations ``sar_s2/s4/s8`` vs multi-scale ``sar``
   on the bucketed task(s). Built only when at least one of them is in
-  ``finetune.inits`` (:func:`configured_tables`); otherwise it is not a target.
+  ``finetune.ablation_inits`` (or ``finetune.inits``); otherwise it is not a
+  target (:func:`sar3d.grid.configured_tables`).
 * ``table4`` - every init at every ``finetune.label_ratios`` entry; per task its
   headline number: the first class over all cases for a bucketed task (``Tumour
   all``), else the mean of the classes' Dice (pancreas: the paper's "MSD
@@ -50,6 +51,7 @@ import pandas as pd
 
 from sar3d import paths
 from sar3d.evaluate import CSV_COLUMNS, OPTIONAL_COLUMNS, bucket_rule, sidecar_path
+from sar3d.grid import bucketed_tasks, configured_tables, finetune_jobs, table2_inits, table3_inits
 from sar3d.io import InputDataError, atomic_output, read_json
 from sar3d.seeding import derive_seed
 from sar3d.stats import compare
@@ -61,7 +63,6 @@ DISPLAY = {
     "scratch": "Scratch", "genesis": "Genesis", "sa": "+ SA", "mial": "+ MIAL", "sar": "SAR",
     "sar_s2": "SAR (1/2 only)", "sar_s4": "SAR (1/4 only)", "sar_s8": "SAR (1/8 only)",
 }
-SINGLE_SCALE = ("sar_s2", "sar_s4", "sar_s8")
 DASH = "—"
 Key = tuple[str, str, str, int]  # task, init, ratio tag, fold
 
@@ -132,17 +133,13 @@ def ratio_label(ratio: float) -> str:
 
 
 def expected_files(config: Mapping[str, Any]) -> dict[Key, Path]:
-    """The evaluation file of every (task, init, ratio, fold) the config asks for."""
-    out = {}
-    for task, spec in config["tasks"].items():
-        for init in config["finetune"]["inits"]:
-            for ratio in config["finetune"]["label_ratios"]:
-                tag = paths.ratio_tag(ratio)
-                for fold in range(spec["split"]["n"]):
-                    out[(task, init, tag, fold)] = paths.fill(
-                        paths.EVALUATION, config["results_dir"], task=task, init=init, ratio=tag, fold=fold
-                    )
-    return out
+    """The evaluation file of every (task, init, ratio, fold) job of the study grid (:mod:`sar3d.grid`)."""
+    return {
+        (j.task, j.init, j.ratio, j.fold): paths.fill(
+            paths.EVALUATION, config["results_dir"], task=j.task, init=j.init, ratio=j.ratio, fold=j.fold
+        )
+        for j in finetune_jobs(config)
+    }
 
 
 def read_evaluations(files: Sequence[Path]) -> tuple[pd.DataFrame, dict[Key, str]]:
@@ -230,10 +227,6 @@ def read_grid(config: Mapping[str, Any], files: Sequence[Path] | None = None) ->
 # --------------------------------------------------------------------------- table specs
 
 
-def _bucketed(config: Mapping[str, Any]) -> list[str]:
-    return [t for t, spec in config["tasks"].items() if spec.get("size_buckets_mm3")]
-
-
 def task_columns(config: Mapping[str, Any], task: str, ratio: float = 1.0) -> list[Column]:
     """Table 2 columns of one task: per size bucket and all (bucketed task), else one per class."""
     spec = config["tasks"][task]
@@ -254,32 +247,23 @@ def headline_column(config: Mapping[str, Any], task: str, ratio: float) -> Colum
     return Column(task, f"Average {ratio_label(ratio)}", classes, None, ratio)
 
 
-def configured_tables(config: Mapping[str, Any]) -> list[str]:
-    """Names of the tables this config produces (Table 3 only with a single-scale init and a bucketed task)."""
-    names = ["table2", "table2_hd95"]
-    if any(i in SINGLE_SCALE for i in config["finetune"]["inits"]) and _bucketed(config):
-        names.append("table3")
-    return [*names, "table4"]
-
-
 def table_spec(config: Mapping[str, Any], name: str) -> TableSpec:
-    inits = list(config["finetune"]["inits"])
     if name in ("table2", "table2_hd95"):
         columns = [c for task in config["tasks"] for c in task_columns(config, task)]
-        rows = [i for i in inits if i not in SINGLE_SCALE]
+        rows = table2_inits(config)
         if name == "table2":
             return TableSpec(name, "Table 2: Dice (%) on the test cases, label ratio 1", rows, columns)
         return TableSpec(name, "Table 2 (HD95): 95th-percentile Hausdorff distance (mm), label ratio 1", rows,
                          columns, HD95)
     if name == "table3":
-        columns = [c for task in _bucketed(config) for c in task_columns(config, task)]
-        rows = [i for i in SINGLE_SCALE if i in inits] + [config["report"]["reference"]]
+        columns = [c for task in bucketed_tasks(config) for c in task_columns(config, task)]
         return TableSpec(name, "Table 3: single-scale vs multi-scale SAR pre-training, Dice (%), label ratio 1",
-                         rows, columns)
+                         table3_inits(config), columns)
     if name == "table4":
         ratios = sorted(config["finetune"]["label_ratios"], reverse=True)
         columns = [headline_column(config, task, r) for task in config["tasks"] for r in ratios]
-        return TableSpec(name, "Table 4: Dice (%) by fraction of annotated training cases", inits, columns)
+        return TableSpec(name, "Table 4: Dice (%) by fraction of annotated training cases",
+                         list(config["finetune"]["inits"]), columns)
     raise ValueError(f"unknown table '{name}' (known: table2, table2_hd95, table3, table4)")
 
 

@@ -42,12 +42,6 @@ class SlurmSetupError(RuntimeError):
     """The cluster could not be brought up."""
 
 
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"Slurm test cluster unavailable in CI: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 def cluster_env(slurm_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """Environment for talking to the test cluster and running Snakemake against it."""
     env = dict(os.environ)
@@ -59,14 +53,23 @@ def cluster_env(slurm_dir: str | os.PathLike[str] | None = None) -> dict[str, st
     return env
 
 
+class SlurmUnavailableError(RuntimeError):
+    """The cluster cannot be set up on this machine (not root, no apt-get, plugin missing)."""
+
+
 def start_cluster(timeout: float = 600) -> tuple[dict[str, str], float]:
-    """Run start_slurm.sh; return (env, seconds it took). Skips/fails via pytest when unavailable."""
+    """Run start_slurm.sh; return (env, seconds it took).
+
+    Raises :class:`SlurmUnavailableError` when this machine cannot host the cluster and
+    :class:`SlurmSetupError` when it should but the setup failed.
+    """
     if os.name != "posix" or not hasattr(os, "geteuid") or os.geteuid() != 0:
-        _skip_or_fail("the Slurm test cluster needs root (it installs slurm-wlm/munge and starts daemons)")
+        raise SlurmUnavailableError("the Slurm test cluster needs root (it installs slurm-wlm/munge, starts daemons)")
     try:
         import snakemake_executor_plugin_slurm  # noqa: F401
     except ImportError:
-        _skip_or_fail('snakemake-executor-plugin-slurm is not installed (pip install -e ".[slurm]")')
+        missing = 'snakemake-executor-plugin-slurm is not installed (pip install -e ".[slurm]")'
+        raise SlurmUnavailableError(missing) from None
     env = cluster_env()
     t0 = time.monotonic()
     try:
@@ -77,18 +80,34 @@ def start_cluster(timeout: float = 600) -> tuple[dict[str, str], float]:
         raise SlurmSetupError(f"start_slurm.sh did not finish within {timeout}s") from err
     seconds = time.monotonic() - t0
     if proc.returncode == UNAVAILABLE:
-        _skip_or_fail(f"cannot set up Slurm here: {proc.stderr.strip().splitlines()[-1]}")
+        raise SlurmUnavailableError(f"cannot set up Slurm here: {proc.stderr.strip().splitlines()[-1]}")
     if proc.returncode != 0:
         raise SlurmSetupError(f"start_slurm.sh failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    env["SAR3D_SLURM_STARTUP_S"] = f"{seconds:.1f}"
     return env, seconds
+
+
+def cluster_or_reason() -> tuple[dict[str, str] | None, str]:
+    """The cluster's env, or None and why it cannot run here. In CI "cannot" is a test failure."""
+    try:
+        env, seconds = start_cluster()
+    except SlurmUnavailableError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"Slurm test cluster unavailable in CI: {err}", pytrace=False)
+        return None, str(err)
+    print(f"Slurm test cluster ready in {seconds:.1f}s (logs in {env['SAR3D_SLURM_DIR']}/log)")
+    return env, ""
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[dict[str, str]]:
-    """A running single-node Slurm cluster (partition ``main``, 1 fake GPU); yields the env dict."""
-    env, seconds = start_cluster()
-    env["SAR3D_SLURM_STARTUP_S"] = f"{seconds:.1f}"
-    print(f"Slurm test cluster ready in {seconds:.1f}s (logs in {env['SAR3D_SLURM_DIR']}/log)")
+    """A running single-node Slurm cluster (partition ``main``, 2 fake GPUs); yields the env dict.
+
+    Skips where the cluster cannot be set up, except in CI (``CI`` set), where that fails.
+    """
+    env, reason = cluster_or_reason()
+    if env is None:
+        pytest.skip(reason)
     yield env
 
 
@@ -114,16 +133,20 @@ def run_snakemake(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
+SQUEUE_FIELDS = {"id": "%i", "name": "%j", "state": "%T", "cpus": "%C", "memory": "%m", "time_limit": "%l",
+                 "gres": "%b", "comment": "%k"}  # comment last: it may hold the separator
+
+
 def slurm_jobs(env: dict[str, str], job_ids: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
-    """Jobs slurmctld still knows (finished ones stay for MinJobAge=300s): id -> name/state/comment."""
-    cmd = ["squeue", "-h", "-t", "all", "-o", "%i|%j|%T|%k"]
+    """Jobs slurmctld still knows (finished ones stay for MinJobAge=3600 s): id -> the SQUEUE_FIELDS."""
+    cmd = ["squeue", "-h", "-t", "all", "-o", "|".join(SQUEUE_FIELDS.values())]
     if job_ids:
         cmd += ["-j", ",".join(job_ids)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     jobs = {}
     for line in out.splitlines():
-        job_id, name, state, comment = line.split("|", 3)
-        jobs[job_id.strip()] = {"name": name, "state": state, "comment": comment}
+        job = dict(zip(SQUEUE_FIELDS, line.split("|", len(SQUEUE_FIELDS) - 1), strict=True))
+        jobs[job["id"].strip()] = job
     return jobs
 
 

@@ -8,14 +8,15 @@
 #   SAR3D_SLURM_DIR       state, spool, pid and log files      [/tmp/sar3d-slurm]
 #   SAR3D_SLURM_CPUS      CPUs declared for the node           [nproc]
 #   SAR3D_SLURM_MEM_MB    RealMemory declared for the node     [90% of slurmd -C]
-#   SAR3D_SLURM_GPUS      fake GPUs (gres on /dev/null)        [1]
+#   SAR3D_SLURM_GPUS      fake GPUs (gres on /dev/null, /dev/zero, ...) [2]
 #   SAR3D_SLURM_TIMEOUT   seconds to wait for an idle node     [60]
 #
 # slurm.conf goes to the default /etc/slurm/slurm.conf on purpose: the Snakemake
 # Slurm executor strips SLURM_* variables (SLURM_CONF included) before srun, so a
 # non-default location would not be seen inside jobs.
-# Job status: no accounting (slurmdbd) is run; MinJobAge=300 keeps finished jobs
-# visible to squeue, so the Snakemake profile uses `slurm-status-command: squeue`.
+# Job status: no accounting (slurmdbd) is run; MinJobAge=3600 keeps finished jobs
+# visible to squeue (status checks; tests read every job's resources back), so the
+# Snakemake profile uses `slurm-status-command: squeue`.
 set -euo pipefail
 
 DIR="${SAR3D_SLURM_DIR:-/tmp/sar3d-slurm}"
@@ -80,7 +81,7 @@ hw="$(slurmd -C 2>/dev/null | head -1)"
 hw_mem="$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")"
 CPUS="${SAR3D_SLURM_CPUS:-$(nproc)}"
 MEM="${SAR3D_SLURM_MEM_MB:-$(( ${hw_mem:-4096} * 9 / 10 ))}"
-GPUS="${SAR3D_SLURM_GPUS:-1}"
+GPUS="${SAR3D_SLURM_GPUS:-2}"
 NODE_GRES=""; [ "$GPUS" -gt 0 ] && NODE_GRES="Gres=gpu:$GPUS"
 DEF_MEM_PER_CPU=$(( MEM / CPUS / 2 ))
 [ "$DEF_MEM_PER_CPU" -ge 100 ] || DEF_MEM_PER_CPU=100
@@ -114,11 +115,11 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$DEF_MEM_PER_CPU
-# No accounting daemon; keep finished jobs in slurmctld (and squeue) for 5 minutes.
+# No accounting daemon; keep finished jobs in slurmctld (and squeue) for an hour.
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-MinJobAge=300
+MinJobAge=3600
 InactiveLimit=0
 KillWait=5
 Waittime=0
@@ -130,7 +131,10 @@ PartitionName=main Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscri
 CONF
 {
   echo "# Written by tests/slurm/start_slurm.sh -- fake GPUs so gpu-declaring rules can schedule"
-  for i in $(seq 1 "$GPUS"); do echo "NodeName=$NODE Name=gpu File=/dev/null"; done
+  # Slurm refuses two GPUs on one device file, so each fake GPU gets its own harmless one.
+  fake=(/dev/null /dev/zero /dev/full /dev/urandom /dev/random)
+  [ "$GPUS" -le "${#fake[@]}" ] || die "at most ${#fake[@]} fake GPUs (SAR3D_SLURM_GPUS=$GPUS)"
+  for i in $(seq 0 $(( GPUS - 1 ))); do echo "NodeName=$NODE Name=gpu File=${fake[$i]}"; done
 } >"$new_gres"
 
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

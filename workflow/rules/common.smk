@@ -5,7 +5,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from sar3d import paths
+from sar3d import grid, paths
 from sar3d.config import SCRATCH, ConfigError, resources_for, validate_config
 
 # sar3d's own check first: it names the offending key in one line (and cross-checks
@@ -63,16 +63,17 @@ def task_folds(task):
     return list(range(STUDY["tasks"][task]["split"]["n"]))
 
 
-def ratio_tags():
-    return [paths.ratio_tag(r) for r in STUDY["finetune"]["label_ratios"]]
-
-
 def tasks_of_dataset(dataset):
     return [t for t, spec in STUDY["tasks"].items() if spec["dataset"] == dataset]
 
 
 def log(rule_name, name):
     return str(paths.fill(paths.LOGS, R, rule=rule_name, name=name))
+
+
+def bench(rule_name, name):
+    """Per-job wall time, memory and CPU time, for sizing `resources:` (docs/cluster.md)."""
+    return str(paths.fill(paths.BENCHMARKS, R, rule=rule_name, name=name))
 
 
 def rule_resources(group):
@@ -96,6 +97,6 @@ wildcard_constraints:
     dataset="|".join(STUDY["datasets"]),
     task="|".join(STUDY["tasks"]),
     method="|".join(STUDY["pretrain"]["methods"]),
-    init="|".join(STUDY["finetune"]["inits"]),
+    init="|".join(grid.all_inits(STUDY)),
     fold=r"\d+",
     ratio=r"[0-9.]+",

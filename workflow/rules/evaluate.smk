@@ -21,6 +21,8 @@ rule evaluate:
         **rule_resources("evaluate"),
     log:
         log("evaluate", "{task}-{init}-r{ratio}-fold{fold}"),
+    benchmark:
+        bench("evaluate", "{task}-{init}-r{ratio}-fold{fold}"),
     shell:
         "OMP_NUM_THREADS={threads} sar3d evaluate --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
         " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"

@@ -1,4 +1,5 @@
-# Fine-tuning: one job per (task, initialisation, label ratio, fold).
+# Fine-tuning: one job per (task, initialisation, label ratio, fold) of the study grid
+# (sar3d.grid: which inits run at which ratios on which tasks).
 
 
 def pretrained_input(wildcards):
@@ -16,7 +17,7 @@ rule finetune:
         pretrained=pretrained_input,
         tracking=TRACKING,
     params:
-        finetune=settings("finetune", "inits", "label_ratios", "device"),
+        finetune=settings("finetune", "inits", "ablation_inits", "label_ratios", "device"),
         width=STUDY["pretrain"]["width"],
         seed=SEED,
         pretrained=lambda wc, input: f"--pretrained {input.pretrained}" if input.pretrained else "",
@@ -28,6 +29,8 @@ rule finetune:
         **rule_resources("finetune"),
     log:
         log("finetune", "{task}-{init}-r{ratio}-fold{fold}"),
+    benchmark:
+        bench("finetune", "{task}-{init}-r{ratio}-fold{fold}"),
     shell:
         "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d finetune --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
         " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"

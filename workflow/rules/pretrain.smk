@@ -20,6 +20,8 @@ rule pretrain:
         **rule_resources("pretrain"),
     log:
         log("pretrain", "{method}"),
+    benchmark:
+        bench("pretrain", "{method}"),
     shell:
         "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d pretrain --config {STUDY_CONFIG} --method {wildcards.method}"
         " --cubes {input.cubes} --out {output} --checkpoint {params.checkpoint} > {log} 2>&1"

@@ -3,17 +3,12 @@
 # failed): `snakemake --keep-going`, then `sar3d report-all --config results/config/study.yaml`
 # writes every table and figure from whichever evaluations exist, marking the rest "—".
 
-from sar3d.report import SINGLE_SCALE, configured_tables
 
-
-def evaluation_files(tasks=None, inits=None, ratios=None):
-    """Evaluation CSVs of a sub-grid (default: the whole study grid)."""
+def evaluation_files(table):
+    """Evaluation CSVs of the jobs a table reads (sar3d.grid)."""
     return [
-        path(paths.EVALUATION, task=task, init=init, ratio=ratio, fold=fold)
-        for task in (tasks or STUDY["tasks"])
-        for init in (inits or STUDY["finetune"]["inits"])
-        for ratio in (ratios or ratio_tags())
-        for fold in task_folds(task)
+        path(paths.EVALUATION, task=j.task, init=j.init, ratio=j.ratio, fold=j.fold)
+        for j in grid.table_jobs(STUDY, table)
     ]
 
 
@@ -30,10 +25,7 @@ def figure_path(name, ext):
     return path(paths.FIGURE, figure=name, ext=ext)
 
 
-TABLE2_INITS = [i for i in STUDY["finetune"]["inits"] if i not in SINGLE_SCALE]
-TABLE3_INITS = [i for i in SINGLE_SCALE if i in STUDY["finetune"]["inits"]] + [STUDY["report"]["reference"]]
-BUCKETED = [t for t, spec in STUDY["tasks"].items() if spec.get("size_buckets_mm3")]
-REPORT_PARAMS = {"report": STUDY["report"], "tasks": STUDY["tasks"], "inits": STUDY["finetune"]["inits"]}
+REPORT_PARAMS = {"report": STUDY["report"], "tasks": STUDY["tasks"], "inits": grid.all_inits(STUDY)}
 
 
 def table2_outputs():
@@ -43,7 +35,7 @@ def table2_outputs():
 def report_outputs():
     """Every configured table and figure: the default target."""
     out = []
-    for name in configured_tables(STUDY):
+    for name in grid.configured_tables(STUDY):
         out += [table_path(name), table_path(name, "md")]
     for ext in ("png", "svg"):
         out.append(figure_path("table4_label_ratios", ext))
@@ -59,7 +51,7 @@ rule report_table2:
         hd95_csv=report(table_path("table2_hd95"), caption="../report/table2_hd95.rst", category="Tables"),
         hd95_md=report(table_path("table2_hd95", "md"), caption="../report/table2_hd95.rst", category="Tables"),
     input:
-        evaluations=evaluation_files(inits=TABLE2_INITS, ratios=["1"]),
+        evaluations=evaluation_files("table2"),
         tracking=TRACKING,
     params:
         **REPORT_PARAMS,
@@ -80,7 +72,7 @@ rule report_table3:
         csv=report(table_path("table3"), caption="../report/table3.rst", category="Tables"),
         md=report(table_path("table3", "md"), caption="../report/table3.rst", category="Tables"),
     input:
-        evaluations=evaluation_files(tasks=BUCKETED, inits=TABLE3_INITS, ratios=["1"]),
+        evaluations=evaluation_files("table3"),
         tracking=TRACKING,
     params:
         **REPORT_PARAMS,
@@ -101,7 +93,7 @@ rule report_table4:
         png=report(figure_path("table4_label_ratios", "png"), caption="../report/table4.rst", category="Figures"),
         svg=figure_path("table4_label_ratios", "svg"),
     input:
-        evaluations=evaluation_files(),
+        evaluations=evaluation_files("table4"),
         tracking=TRACKING,
     params:
         **REPORT_PARAMS,

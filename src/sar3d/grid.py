@@ -1,0 +1,102 @@
+"""The study's fine-tuning grid: every (task, init, label ratio, fold) job, and which table reads which.
+
+The paper does not cross everything with everything, and neither does the study:
+
+* ``finetune.inits`` (scratch, Genesis, SAR, ...) run on every task at every
+  ``finetune.label_ratios`` entry: Table 2 reads label ratio 1, Table 4 and its
+  figure read every ratio, the loss-curve and qualitative figures ratio 1.
+* ``finetune.ablation_inits`` (the single-scale SAR variants of Table 3) run only
+  on the tasks with ``size_buckets_mm3`` (the brain task) and only at label
+  ratio 1, next to the reference init of ``report.reference``.
+
+The Snakemake rules and ``sar3d report-all`` both take their file lists from
+here, so the DAG and the tables always expect the same evaluations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sar3d.paths import ratio_tag
+
+FULL_LABELS = "1"  # ratio tag of the full training split
+SINGLE_SCALE = ("sar_s2", "sar_s4", "sar_s8")
+
+
+@dataclass(frozen=True, order=True)
+class FinetuneJob:
+    """One fine-tuning (and its evaluation): a Snakemake job and an MLflow run each."""
+
+    task: str
+    init: str
+    ratio: str  # ratio tag, e.g. "1", "0.2"
+    fold: int
+
+
+def bucketed_tasks(config: Mapping[str, Any]) -> list[str]:
+    """Tasks whose test cases fall into tumour-size buckets (Table 3 is reported on these)."""
+    return [t for t, spec in config["tasks"].items() if spec.get("size_buckets_mm3")]
+
+
+def ratio_tags(config: Mapping[str, Any]) -> list[str]:
+    return [ratio_tag(r) for r in config["finetune"]["label_ratios"]]
+
+
+def all_inits(config: Mapping[str, Any]) -> list[str]:
+    """Every initialisation the study fine-tunes from, main grid first."""
+    return list(dict.fromkeys([*config["finetune"]["inits"], *config["finetune"].get("ablation_inits", [])]))
+
+
+def table2_inits(config: Mapping[str, Any]) -> list[str]:
+    return [i for i in config["finetune"]["inits"] if i not in SINGLE_SCALE]
+
+
+def table3_inits(config: Mapping[str, Any]) -> list[str]:
+    """The single-scale inits anywhere in the study, then the multi-scale reference; [] without any."""
+    single = [i for i in SINGLE_SCALE if i in all_inits(config)]
+    return [*single, config["report"]["reference"]] if single and bucketed_tasks(config) else []
+
+
+def finetune_jobs(
+    config: Mapping[str, Any],
+    tasks: Iterable[str] | None = None,
+    inits: Iterable[str] | None = None,
+    ratios: Iterable[str] | None = None,
+) -> list[FinetuneJob]:
+    """The study's jobs, optionally only those of some tasks / inits / ratio tags (sorted, unique)."""
+    main = config["finetune"]["inits"]
+    ablation = [i for i in config["finetune"].get("ablation_inits", []) if i not in main]
+    bucketed = set(bucketed_tasks(config))
+    jobs = set()
+    for task, spec in config["tasks"].items():
+        for fold in range(spec["split"]["n"]):
+            jobs.update(FinetuneJob(task, init, tag, fold) for init in main for tag in ratio_tags(config))
+            if task in bucketed:
+                jobs.update(FinetuneJob(task, init, FULL_LABELS, fold) for init in ablation)
+    keep = (
+        (set(tasks) if tasks is not None else None),
+        (set(inits) if inits is not None else None),
+        (set(ratios) if ratios is not None else None),
+    )
+    return sorted(
+        j for j in jobs
+        if all(k is None or v in k for k, v in zip(keep, (j.task, j.init, j.ratio), strict=True))
+    )
+
+
+def table_jobs(config: Mapping[str, Any], table: str) -> list[FinetuneJob]:
+    """The jobs whose evaluations a table reads."""
+    if table in ("table2", "table2_hd95"):
+        return finetune_jobs(config, inits=table2_inits(config), ratios=[FULL_LABELS])
+    if table == "table3":
+        return finetune_jobs(config, tasks=bucketed_tasks(config), inits=table3_inits(config), ratios=[FULL_LABELS])
+    if table == "table4":
+        return finetune_jobs(config, inits=config["finetune"]["inits"])
+    raise ValueError(f"unknown table '{table}' (known: table2, table2_hd95, table3, table4)")
+
+
+def configured_tables(config: Mapping[str, Any]) -> list[str]:
+    """Names of the tables this config produces (Table 3 only with a single-scale init and a bucketed task)."""
+    return ["table2", "table2_hd95", *(["table3"] if table3_inits(config) else []), "table4"]
