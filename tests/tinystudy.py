@@ -175,11 +175,16 @@ class UnfinishedFold:
             run = after[run_id]
             if run.data.tags.get("stage") in ("finetune", "evaluate"):
                 assert run.info.end_time == end_time, f"run {run.data.tags.get('job_key')} was touched"
-        killed_job = [
-            r for r in after.values()
-            if r.data.tags.get("stage") == "finetune" and r.data.tags.get("task") == "pancreas"
-            and r.data.tags.get("init") == "sar" and r.data.tags.get("fold") == "1"
-        ]
-        # the first study's run, and one run for the rerun: opened before the kill, continued after it
-        assert len(killed_job) == 2, [r.info.run_id for r in killed_job]
+        killed_job = [r for r in after.values() if self.is_fold_run(r)]
+        before = [run_id for run_id in self.runs if self.is_fold_run(after[run_id])]
+        # the runs it had, and one for the rerun: opened before the kill, continued after it
+        assert len(killed_job) == len(before) + 1, [r.info.run_id for r in killed_job]
         assert all(r.info.status == "FINISHED" for r in killed_job)
+
+    @staticmethod
+    def is_fold_run(run: Any) -> bool:
+        """An MLflow run of this fold's fine-tuning."""
+        tags = run.data.tags
+        return (tags.get("stage"), tags.get("task"), tags.get("init"), tags.get("fold")) == (
+            "finetune", "pancreas", "sar", "1"
+        ) and float(tags.get("ratio", "nan")) == 1.0

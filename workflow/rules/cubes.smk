@@ -12,6 +12,8 @@ rule cubes:
     params:
         cubes=STUDY["cubes"],
         seed=SEED,
+    # upstream of pre-training (the critical path): ahead of fine-tuning from scratch
+    priority: 10
     threads: rule_threads("data")
     resources:
         **rule_resources("data"),

@@ -9,6 +9,8 @@ rule download:
     params:
         dataset=lambda wc: STUDY["datasets"][wc.dataset],
         seed=SEED,
+    # upstream of pre-training (the critical path): ahead of fine-tuning from scratch
+    priority: 10
     threads: rule_threads("data")
     resources:
         **rule_resources("data"),

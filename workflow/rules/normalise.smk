@@ -10,6 +10,8 @@ rule normalise_pretrain:
     params:
         preprocess=STUDY["preprocess"],
         channels=lambda wc: STUDY["pretrain"]["datasets"].get(wc.dataset),
+    # upstream of pre-training (the critical path): ahead of fine-tuning from scratch
+    priority: 10
     threads: rule_threads("data")
     resources:
         **rule_resources("data"),
@@ -29,6 +31,8 @@ rule normalise_task:
     params:
         preprocess=STUDY["preprocess"],
         task=lambda wc: {k: v for k, v in STUDY["tasks"][wc.task].items() if k != "split"},
+    # upstream of pre-training (the critical path): ahead of fine-tuning from scratch
+    priority: 10
     threads: rule_threads("data")
     resources:
         **rule_resources("data"),

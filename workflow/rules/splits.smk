@@ -18,6 +18,8 @@ for _task, _spec in STUDY["tasks"].items():
             split=_spec["split"],
             seed=SEED,
             out_dir=str(paths.fill(paths.HELDOUT, R, task=_task).parent),
+        # the held-out list gates the cubes, upstream of pre-training (the critical path)
+        priority: 10
         log:
             log("split", _task),
         shell:
