@@ -133,20 +133,29 @@ def run_snakemake(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
-SQUEUE_FIELDS = {"id": "%i", "name": "%j", "state": "%T", "cpus": "%C", "memory": "%m", "time_limit": "%l",
-                 "gres": "%b", "comment": "%k"}  # comment last: it may hold the separator
+# squeue --Format fields (`name:|` = no padding, "|" after it); comment last, it may hold a "|".
+SQUEUE_FIELDS = {
+    "id": "JobID", "name": "Name", "state": "State", "cpus": "NumCPUs", "memory": "MinMemory",
+    "time_limit": "TimeLimit", "tres_per_job": "tres-per-job", "tres_per_node": "tres-per-node", "comment": "Comment",
+}
 
 
 def slurm_jobs(env: dict[str, str], job_ids: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
-    """Jobs slurmctld still knows (finished ones stay for MinJobAge=3600 s): id -> the SQUEUE_FIELDS."""
-    cmd = ["squeue", "-h", "-t", "all", "-o", "|".join(SQUEUE_FIELDS.values())]
+    """Jobs slurmctld still knows (finished ones stay for MinJobAge=3600 s): id -> the SQUEUE_FIELDS.
+
+    ``gres`` is what the job asked for, per job (``--gpus``) or per node (``--gres``).
+    """
+    fields = list(SQUEUE_FIELDS.values())
+    cmd = ["squeue", "-h", "-t", "all", "-O", ",".join(f"{f}:|" for f in fields)]
     if job_ids:
         cmd += ["-j", ",".join(job_ids)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     jobs = {}
     for line in out.splitlines():
-        job = dict(zip(SQUEUE_FIELDS, line.split("|", len(SQUEUE_FIELDS) - 1), strict=True))
-        jobs[job["id"].strip()] = job
+        values = line.removesuffix("|").split("|", len(SQUEUE_FIELDS) - 1)
+        job = {k: v.strip() for k, v in zip(SQUEUE_FIELDS, values, strict=True)}
+        job["gres"] = next((job[k] for k in ("tres_per_job", "tres_per_node") if job[k] not in ("", "N/A")), "")
+        jobs[job["id"]] = job
     return jobs
 
 
