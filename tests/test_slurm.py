@@ -17,7 +17,7 @@ from slurm import fixtures as slurm_fixtures
 
 from tinystudy import REPO, planned_jobs
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 slurm_cluster = slurm_fixtures.slurm_cluster
 

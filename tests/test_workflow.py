@@ -33,7 +33,7 @@ from tinystudy import (
     tiny_study,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("workflow")]
+pytestmark = [pytest.mark.slow]
 
 STAGES = (
     "tracking_init", "download", "normalise_pretrain", "normalise_task", "split_brain_tumour",
@@ -206,7 +206,7 @@ def test_a_fold_killed_on_slurm_reruns_alone_and_resumes(study: Study) -> None:
     try:
         fold.wait_for_checkpoint(proc)
         running = [j for j in slurm_fixtures.slurm_jobs(study.slurm).values()
-                   if j["state"] == "RUNNING" and j["comment"].startswith("rule_finetune")]
+                   if j["state"] == "RUNNING" and j["comment"].startswith("rule_finetune_wildcards_pancreas_sar_")]
         assert len(running) == 1, running
         subprocess.run(["scancel", "--signal=KILL", "--full", running[0]["id"]], env=study.slurm, check=True)
         out, _ = proc.communicate(timeout=180)
