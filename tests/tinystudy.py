@@ -113,8 +113,10 @@ def mlflow_runs(study: Path) -> list[Any]:
 class UnfinishedFold:
     """A study in which one fold (pancreas, SAR init, ratio 1, fold 1) never finished.
 
-    As after a first run that failed at this fold: its model, checkpoint and
-    evaluation are gone (the tables built from it are then out of date).
+    As after a first run (with ``--keep-going``) that failed at this fold: its
+    model, checkpoint and evaluation are missing, and so are the tables and the
+    figure that need it; what does not need it (Table 3, the brain figures) exists.
+    Snakemake would not rerun a missing intermediate file for targets that exist.
     """
 
     study: Path
@@ -136,6 +138,10 @@ class UnfinishedFold:
         for path in (fold.checkpoint, fold.model, fold.evaluation, fold.evaluation.with_suffix(".json")):
             path.unlink()
         shutil.rmtree(fold.evaluation.with_name("fold1_pred"))
+        for pattern in ("tables/table2.*", "tables/table2_hd95.*", "tables/table4.*",
+                        "figures/table4_label_ratios.*", "figures/loss_curves_pancreas.*"):
+            for path in results.glob(pattern):
+                path.unlink()
         others = sorted(results.glob("models/finetune/**/model.pt")) + sorted(results.glob("eval/**/*.csv"))
         fold.others = {p: p.stat().st_mtime_ns for p in others}
         fold.runs = {r.info.run_id: r.info.end_time for r in mlflow_runs(study)}
