@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from slurm import fixtures as slurm_fixtures
 
-from tinystudy import REPO, planned_jobs
+from tinystudy import REPO, planned_jobs, workflow_args
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -121,12 +120,12 @@ def test_slurm_dry_run_of_the_default_study_shows_every_job_with_its_resources(t
     """`snakemake --profile profiles/slurm -n` (no cluster needed): what each job would ask sbatch for."""
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     proc = slurm_fixtures.run_snakemake(
-        ["-s", str(REPO / "Snakefile"), "--profile", str(slurm_fixtures.PROFILE), "-n"], tmp_path,
+        workflow_args(tmp_path, "--profile", str(slurm_fixtures.PROFILE), "-n"), tmp_path,
         slurm_fixtures.cluster_env(), timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     blocks = re.findall(r"^rule (\w+):\n(.*?)(?=^\[|\Z)", proc.stdout, flags=re.M | re.S)
-    planned = planned_jobs(subprocess.CompletedProcess([], 0, proc.stdout, ""))
+    planned = planned_jobs(proc.stdout)
     assert len(blocks) == sum(planned.values()) > 100
     for rule, body in blocks:
         if rule == "all":  # a local rule: collects the targets, never submitted

@@ -31,6 +31,7 @@ from tinystudy import (
     snakemake,
     snakemake_cmd,
     tiny_study,
+    workflow_args,
 )
 
 pytestmark = [pytest.mark.slow]
@@ -57,7 +58,7 @@ class Study:
 
 def run_on_slurm(study: Study, *args: str, timeout: float = 1200) -> None:
     assert study.slurm is not None
-    proc = slurm_fixtures.run_snakemake(snakemake_cmd(study.workdir, *SLURM_ARGS, *args)[3:], study.workdir,
+    proc = slurm_fixtures.run_snakemake(workflow_args(study.workdir, *SLURM_ARGS, *args), study.workdir,
                                         study.slurm, timeout=timeout)
     assert proc.returncode == 0, f"snakemake on Slurm failed:\n{failure_report(study.workdir, proc.stdout)}"
 
@@ -78,7 +79,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
 
 def test_dry_run_lists_every_stage(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_study(Path("results")), sort_keys=False))
-    jobs = planned_jobs(snakemake(tmp_path, "-n"))
+    jobs = planned_jobs(snakemake(tmp_path, "-n").stdout)
     for stage in STAGES:
         assert jobs.get(stage, 0) >= 1, f"stage {stage} missing from the dry run: {jobs}"
     # 2 inits x (1 brain trial + 2 pancreas folds) x 1 ratio, + the sar_s2 ablation on the brain trial
@@ -92,7 +93,7 @@ def test_default_study_plans_every_table_and_figure(tmp_path: Path) -> None:
     from sar3d.grid import configured_tables, finetune_jobs
 
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
-    jobs = planned_jobs(snakemake(tmp_path, "-n"))
+    jobs = planned_jobs(snakemake(tmp_path, "-n").stdout)
     config = load_config(REPO / "config.yaml")
     assert configured_tables(config) == ["table2", "table2_hd95", "table3", "table4"]
     assert jobs["finetune"] == jobs["evaluate"] == len(finetune_jobs(config))
@@ -161,7 +162,7 @@ def test_changing_one_fold_reruns_only_its_dependents(study: Study) -> None:
     original = fold.read_text()
     fold.write_text(original + "\n")
     try:
-        jobs = planned_jobs(snakemake(study.workdir, "-n"))
+        jobs = planned_jobs(snakemake(study.workdir, "-n").stdout)
     finally:
         fold.write_text(original)  # same content again: nothing to rerun for the tests that follow
     assert jobs == {
@@ -200,9 +201,8 @@ def test_a_fold_killed_on_slurm_reruns_alone_and_resumes(study: Study) -> None:
     if study.slurm is None:
         pytest.skip(f"the study ran with the local executor: {study.why_local}")
     fold = UnfinishedFold.make(study.workdir)
-    cmd = [*snakemake_cmd(study.workdir, *SLURM_ARGS, fold.target)]
-    proc = subprocess.Popen(cmd, env=study.slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(snakemake_cmd(study.workdir, *SLURM_ARGS, fold.target), env=study.slurm,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         fold.wait_for_checkpoint(proc)
         running = [j for j in slurm_fixtures.slurm_jobs(study.slurm).values()
@@ -217,7 +217,7 @@ def test_a_fold_killed_on_slurm_reruns_alone_and_resumes(study: Study) -> None:
     assert proc.returncode != 0, f"snakemake did not notice the killed job:\n{out[-4000:]}"
     fold.check_killed()
 
-    jobs = planned_jobs(snakemake(study.workdir, "-n"))
+    jobs = planned_jobs(snakemake(study.workdir, "-n").stdout)
     assert jobs.get("finetune") == 1 and jobs.get("evaluate") == 1, jobs
     run_on_slurm(study)
     fold.check_rerun()
@@ -235,7 +235,7 @@ def test_a_killed_local_fold_reruns_alone_and_resumes(study: Study) -> None:
     fold.check_killed()
 
     snakemake(study.workdir, "--unlock")  # a SIGKILLed snakemake leaves its lock behind
-    jobs = planned_jobs(snakemake(study.workdir, "-n"))
+    jobs = planned_jobs(snakemake(study.workdir, "-n").stdout)
     assert jobs.get("finetune") == 1 and jobs.get("evaluate") == 1, jobs
     snakemake(study.workdir, "--cores", "2")
     fold.check_rerun()

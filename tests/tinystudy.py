@@ -61,8 +61,13 @@ def unit_config(store: Path, experiment: str, overrides: dict[str, Any]) -> dict
 # --------------------------------------------------------------------------- running the tiny study
 
 
+def workflow_args(workdir: Path, *args: str) -> list[str]:
+    """Snakemake arguments that run this repository's workflow in ``workdir``."""
+    return ["-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+
+
 def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    return [sys.executable, "-m", "snakemake", *workflow_args(workdir, *args)]
 
 
 def local_env() -> dict[str, str]:
@@ -87,10 +92,10 @@ def snakemake(
     return proc
 
 
-def planned_jobs(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
-    """Job counts per rule from a dry run's job stats table."""
+def planned_jobs(output: str) -> dict[str, int]:
+    """Job counts per rule from a dry run's job stats table (its stdout)."""
     counts: dict[str, int] = {}
-    for line in proc.stdout.splitlines():
+    for line in output.splitlines():
         match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
         if match and match.group(1) != "total":
             counts[match.group(1)] = int(match.group(2))

@@ -46,7 +46,7 @@ def ratio_tags(config: Mapping[str, Any]) -> list[str]:
 
 def all_inits(config: Mapping[str, Any]) -> list[str]:
     """Every initialisation the study fine-tunes from, main grid first."""
-    return list(dict.fromkeys([*config["finetune"]["inits"], *config["finetune"].get("ablation_inits", [])]))
+    return list(dict.fromkeys([*config["finetune"]["inits"], *config["finetune"]["ablation_inits"]]))
 
 
 def table2_inits(config: Mapping[str, Any]) -> list[str]:
@@ -66,23 +66,18 @@ def finetune_jobs(
     ratios: Iterable[str] | None = None,
 ) -> list[FinetuneJob]:
     """The study's jobs, optionally only those of some tasks / inits / ratio tags (sorted, unique)."""
-    main = config["finetune"]["inits"]
-    ablation = [i for i in config["finetune"].get("ablation_inits", []) if i not in main]
-    bucketed = set(bucketed_tasks(config))
+    main = [(init, tag) for init in config["finetune"]["inits"] for tag in ratio_tags(config)]
+    ablation = [(init, FULL_LABELS) for init in config["finetune"]["ablation_inits"]]
+    bucketed = bucketed_tasks(config)
     jobs = set()
     for task, spec in config["tasks"].items():
-        for fold in range(spec["split"]["n"]):
-            jobs.update(FinetuneJob(task, init, tag, fold) for init in main for tag in ratio_tags(config))
-            if task in bucketed:
-                jobs.update(FinetuneJob(task, init, FULL_LABELS, fold) for init in ablation)
-    keep = (
-        (set(tasks) if tasks is not None else None),
-        (set(inits) if inits is not None else None),
-        (set(ratios) if ratios is not None else None),
-    )
+        pairs = main + ablation if task in bucketed else main
+        jobs.update(FinetuneJob(task, init, tag, fold) for fold in range(spec["split"]["n"]) for init, tag in pairs)
+    tasks, inits, ratios = (None if x is None else set(x) for x in (tasks, inits, ratios))
     return sorted(
         j for j in jobs
-        if all(k is None or v in k for k, v in zip(keep, (j.task, j.init, j.ratio), strict=True))
+        if (tasks is None or j.task in tasks) and (inits is None or j.init in inits)
+        and (ratios is None or j.ratio in ratios)
     )
 
 
