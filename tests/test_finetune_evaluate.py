@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -13,9 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
+from sar3d import finetune
 from sar3d.evaluate import CSV_COLUMNS, dice_score, run_evaluate, sidecar_path
-from sar3d.finetune import init_model, run_finetune, training_cases
-from sar3d.io import save_volume, write_json
+from sar3d.finetune import init_model, labelled_cases, run_finetune
+from sar3d.io import InputDataError, save_volume, write_json
 from sar3d.networks import UNet3D, load_state_dict_file
 from tinystudy import unit_config
 
@@ -147,13 +149,70 @@ def test_finetune_from_pretrained_skips_output_layer(config, pancreas, brain, tm
     UNet3D(out_channels=2, width=0.125, final_activation=None).load_state_dict(load_state_dict_file(out))
 
 
-def test_label_ratio_subsets_nest(config):
-    train = [f"c{i}" for i in range(20)]
-    half = training_cases(config, "pancreas", 0, 0.5, train)
-    fifth = training_cases(config, "pancreas", 0, 0.2, train)
-    tiny = training_cases(config, "pancreas", 0, 0.01, train)
-    assert len(half) == 10 and len(fifth) == 4 and len(tiny) == 1
-    assert set(tiny) <= set(fifth) <= set(half)
+def test_label_ratio_subsets_nest_and_bound_every_labelled_case(config):
+    ratios = [1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01]
+    for n_train, n_val in [(20, 5), (152, 38), (6, 2), (1, 1), (9, 3)]:
+        train, val = [f"t{i}" for i in range(n_train)], [f"v{i}" for i in range(n_val)]
+        subsets = {r: labelled_cases(config, "pancreas", 0, r, train, val) for r in ratios}
+        assert subsets[1] == (sorted(train), sorted(val))
+        for r, (t, v) in subsets.items():
+            assert set(t) <= set(train) and set(v) <= set(val) and t and v
+            # the ratio covers validation too: at most ceil(r N) cases plus the validation share's minimum of one
+            assert len(t) + len(v) <= math.ceil(r * (n_train + n_val)) + 1, (n_train, n_val, r, len(t), len(v))
+        for big, small in itertools.pairwise(ratios):
+            assert set(subsets[small][0]) <= set(subsets[big][0]) and set(subsets[small][1]) <= set(subsets[big][1])
+    full = {**config, "finetune": {**config["finetune"], "label_ratio_validation": "full"}}
+    assert labelled_cases(full, "pancreas", 0, 0.2, train, val)[1] == sorted(val)
+
+
+def test_a_ratio_run_touches_only_its_share_of_labelled_cases(config, tmp_path, monkeypatch):
+    """What fine-tuning really loads: train and val subsets nested across ratios, ceil(r N) + 1 at most."""
+    folder = _task_folder(tmp_path / "p", "pancreas", config["tasks"]["pancreas"]["classes"], [5, 6, 7, 5] * 3 + [4])
+    cases = json.loads((folder / "fold0.json").read_text())
+    split = {"task": "pancreas", "fold": 0, "kind": "kfold", "seed": 0,
+             "train": cases["train"] + cases["test"][:5], "val": cases["val"] + cases["test"][5:7],
+             "test": cases["test"][7:]}
+    write_json(folder / "split.json", split)
+    labelled = set(split["train"]) | set(split["val"])  # 9 train + 3 val
+    touched: dict[float, set[str]] = {}
+    load = finetune.load_case
+
+    def recording_load(data, entry, classes):
+        touched[ratio].add(entry["case"])
+        return load(data, entry, classes)
+
+    monkeypatch.setattr(finetune, "load_case", recording_load)
+    fast = {**config, "finetune": {**config["finetune"], "epochs": 1, "steps_per_epoch": 1}}
+    for ratio in (1.0, 0.5, 0.25):
+        touched[ratio] = set()
+        out = tmp_path / f"r{ratio}" / "model.pt"
+        run_finetune(fast, "pancreas", "scratch", ratio, 0, folder / "split.json", folder, None, out,
+                     tmp_path / f"r{ratio}" / "ckpt.pt")
+        assert touched[ratio] <= labelled
+        assert len(touched[ratio]) <= math.ceil(ratio * len(labelled)) + 1, (ratio, touched[ratio])
+        assert touched[ratio] & set(split["val"])  # it still validates, on its own share of val cases
+    assert touched[1.0] == labelled
+    assert touched[0.25] <= touched[0.5] <= touched[1.0]
+
+
+def test_evaluate_uses_the_splits_auto_buckets(config, brain, tmp_path):
+    torch.manual_seed(0)
+    model = tmp_path / "m.pt"
+    torch.save(UNet3D(out_channels=1, width=0.125, final_activation=None).state_dict(), model)
+    auto = {**config, "tasks": {**config["tasks"], "brain_tumour": {**config["tasks"]["brain_tumour"],
+                                                                    "size_buckets_mm3": "auto"}}}
+    with pytest.raises(InputDataError, match="rerun `sar3d split`") as err:  # a split written before auto
+        run_evaluate(auto, "brain_tumour", "scratch", 1.0, 0, brain / "fold0.json", brain, model, tmp_path / "a.csv")
+    assert err.value.path == brain / "fold0.json"
+    split = json.loads((brain / "fold0.json").read_text())
+    write_json(brain / "auto.json", {**split, "size_buckets_mm3": [150.0, 650.0]})  # as the split stage writes it
+    run_evaluate(auto, "brain_tumour", "scratch", 1.0, 0, brain / "auto.json", brain, model, tmp_path / "b.csv")
+    frame = pd.read_csv(tmp_path / "b.csv")
+    for row in frame.itertuples():
+        assert row.size_bucket == ("small" if row.volume_mm3 < 150 else "medium" if row.volume_mm3 < 650 else "large")
+    assert json.loads(sidecar_path(tmp_path / "b.csv").read_text())["size_buckets_mm3"] == [150.0, 650.0]
+    with pytest.raises(InputDataError, match="differ from the config"):  # explicit [100, 400] vs the split's
+        run_evaluate(config, "brain_tumour", "scratch", 1.0, 0, brain / "auto.json", brain, model, tmp_path / "c.csv")
 
 
 def test_evaluate_buckets(config, brain, tmp_path):

@@ -18,7 +18,7 @@ from sar3d.io import load_volume, voxel_spacing
 from sar3d.phantom import SPECS, case_id, dataset_description, generate_case
 
 SEED = 20210806
-SMALL, LARGE = 4000.0, 16000.0  # config.yaml tasks.brain_tumour.size_buckets_mm3
+SMALL, LARGE = 4000.0, 16000.0  # the phantom's inner volume knots (BRAIN_TUMOUR_VOLUME_KNOTS_MM3)
 
 
 @pytest.fixture(scope="module")

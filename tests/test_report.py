@@ -125,7 +125,8 @@ def test_table2_numbers_order_and_missing_fold(config, evaluations, tmp_path):
     assert "[1]" in sar_cells[5] and "[1] SAR, pancreas Organ: no evaluation for fold(s) 2" in md
     mean, std = _expected(evaluations, "brain_tumour", "scratch", "whole_tumour", None)
     assert f"{mean:.2f} ± {std:.2f}" in body[0]
-    assert "small < 4000 mm3 <= medium < 16000 mm3 <= large" in md
+    # auto size buckets with no split run under this results folder: said, not invented
+    assert "Size buckets by reference whole_tumour volume: tertiles of the cases never tested, not known here" in md
     assert "brain_tumour** (Tumour S, Tumour M, Tumour L, Tumour all): 3 random trials" in md
     assert "pancreas** (Organ, Tumour): 3 cross-validation folds" in md
 
@@ -280,3 +281,46 @@ def test_table3_only_when_configured_and_table4_with_figure(config, tmp_path):
     for fig in figs:
         assert fig.stat().st_size > 1000
     assert figs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bucket_footnotes_give_the_splits_thresholds(config, tmp_path):
+    """Tables 2 and 3 state the auto thresholds the split computed and how; the report run logs them."""
+    import mlflow
+
+    from sar3d.report import read_grid, write_table
+    from sar3d.splits import run_split
+
+    results = tmp_path / "results"
+    ablation = load_config(REPO / "config.yaml", {
+        "results_dir": str(results), "tracking": config["tracking"],
+        "pretrain": {"methods": ["genesis", "sar", "sar_s2"]},
+        "finetune": {"inits": ["scratch", "sar"], "ablation_inits": ["sar_s2"], "label_ratios": [1]},
+        "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
+    })
+    assert ablation["tasks"]["brain_tumour"]["size_buckets_mm3"] == "auto"  # the default
+    volumes = 10 ** np.random.default_rng(2).uniform(3, 5, 18)
+    data = tmp_path / "pre"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({
+        "purpose": "task", "dataset": "brats", "task": "brain_tumour", "modality": "MRI", "spacing": [1, 1, 1],
+        "cases": [{"case": f"c{i:02d}", "foreground_mm3": {"whole_tumour": float(v)}} for i, v in enumerate(volumes)],
+    }))
+    run_split(ablation, "brain_tumour", data, results / "splits" / "brain_tumour")
+    record = json.loads((results / "splits" / "brain_tumour" / "size_buckets.json").read_text())
+    t0, t1 = record["thresholds_mm3"]
+    expected = (f"Size buckets by reference whole_tumour volume: small < {t0:g} mm3 <= medium < {t1:g} mm3 <= "
+                "large (auto: tertiles of the 12 cases that are never test cases).")
+
+    fold_dice = {"scratch": FOLD_DICE["scratch"], "sar_s2": [0.75, 0.76, 0.77], "sar": FOLD_DICE["sar"]}
+    files = _grid(tmp_path / "eval", ablation, fold_dice=fold_dice)
+    grid = read_grid(ablation, files)
+    for name in ("table2", "table3"):
+        write_table(ablation, name, grid, tmp_path / f"{name}.csv", tmp_path / f"{name}.md")
+        assert expected in (tmp_path / f"{name}.md").read_text(), name
+
+    run_report(ablation, files, tmp_path / "r.csv", tmp_path / "r.md", table="table3")
+    client = mlflow.MlflowClient(tracking_uri=ablation["tracking"]["uri"])
+    experiment = client.get_experiment_by_name(ablation["tracking"]["experiment"])
+    (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'report' and tags.table = 'table3'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    assert run.data.params["size_buckets.brain_tumour"] == expected

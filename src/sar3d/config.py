@@ -94,6 +94,14 @@ def _cross_check(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config key 'tasks.{task}.classes.{cls}': values {missing} not in 'labels'")
         if spec["split"]["kind"] == "kfold" and spec["split"]["n"] < 2:
             raise ConfigError(f"config key 'tasks.{task}.split.n': k-fold needs at least 2 folds")
+        buckets = spec.get("size_buckets_mm3")
+        if buckets == "auto" and spec["split"]["kind"] == "kfold":
+            raise ConfigError(
+                f"config key 'tasks.{task}.size_buckets_mm3': 'auto' takes the tertiles of the cases that are "
+                "never test cases, and k-fold tests every case; give two thresholds"
+            )
+        if isinstance(buckets, list) and not buckets[0] < buckets[1]:
+            raise ConfigError(f"config key 'tasks.{task}.size_buckets_mm3': thresholds must increase, got {buckets}")
     for method in config["pretrain"]["methods"]:
         if method not in BUILTIN_PRETRAIN_METHODS:
             known = ", ".join(BUILTIN_PRETRAIN_METHODS)

@@ -15,7 +15,9 @@ empty, and ``hd95_undefined`` flags the rows where exactly one is
 ``volume_mm3`` is the reference volume of that class from the task manifest
 (measured on the original grid by normalisation). For tasks with
 ``size_buckets_mm3`` every row of a case carries the case's bucket, decided by
-the *first* class's volume with :func:`sar3d.splits.size_bucket`; the rule text
+the *first* class's volume with :func:`sar3d.splits.size_bucket` and the
+thresholds the fold's split file records (for ``auto`` the split computed them,
+:mod:`sar3d.splits`); the rule text
 (e.g. ``small < 4000 mm3 <= medium < 16000 mm3 <= large``), the summary and the
 evaluation's MLflow run id go to a sidecar ``<out without .csv>.json``.
 
@@ -51,6 +53,7 @@ from sar3d.io import (
 )
 from sar3d.metrics import dice_per_class, dice_score, hd95_mm, hd95_undefined
 from sar3d.paths import MANIFEST
+from sar3d.splits import AUTO, bucket_rule, size_bucket
 
 __all__ = ["CSV_COLUMNS", "dice_per_class", "dice_score", "run_evaluate"]  # dice_* re-exported for fine-tuning
 
@@ -94,6 +97,27 @@ def load_case(data: Path, entry: Mapping[str, Any], classes: Mapping[str, Sequen
     }
 
 
+def fold_size_buckets(config: Mapping[str, Any], task: str, split: Path) -> list[float] | None:
+    """The size-bucket thresholds a fold is evaluated with: those its split file records.
+
+    ``auto`` thresholds exist only there (the split computes them); explicit ones
+    must agree with the config, so a stale split cannot bucket silently by old numbers.
+    """
+    setting = config["tasks"][task].get("size_buckets_mm3")
+    if not setting:
+        return None
+    recorded = read_json(split).get("size_buckets_mm3")
+    if recorded is None and setting == AUTO:
+        raise InputDataError(split, "no size_buckets_mm3 although the task's are 'auto': rerun `sar3d split`")
+    if recorded is None:
+        return [float(t) for t in setting]
+    if setting != AUTO and [float(t) for t in setting] != [float(t) for t in recorded]:
+        raise InputDataError(
+            split, f"size_buckets_mm3 {recorded} differ from the config's {setting}: rerun `sar3d split`"
+        )
+    return [float(t) for t in recorded]
+
+
 def split_cases(split: Path, manifest: Mapping[str, Any], part: str) -> list[str]:
     """The ``part`` (train | val | test) cases of a split file, checked against the manifest."""
     cases = list(read_json(split)[part])
@@ -101,15 +125,6 @@ def split_cases(split: Path, manifest: Mapping[str, Any], part: str) -> list[str
     if missing:
         raise InputDataError(split, f"{part} cases {missing} are not in the task manifest")
     return cases
-
-
-# --------------------------------------------------------------------------- size buckets
-
-
-def bucket_rule(thresholds: Sequence[float]) -> str:
-    """Human-readable size-bucket rule, as written to the sidecar and the report."""
-    t0, t1 = thresholds
-    return f"small < {t0:g} mm3 <= medium < {t1:g} mm3 <= large"
 
 
 # --------------------------------------------------------------------------- inference
@@ -156,15 +171,15 @@ def prediction_code(pred: torch.Tensor) -> np.ndarray:
 def evaluate_cases(
     config: Mapping[str, Any], task: str, model: torch.nn.Module, data: Path,
     manifest: Mapping[str, Mapping[str, Any]], cases: Sequence[str], device: torch.device,
-    amp: torch.dtype | None, predictions: Path | None = None,
+    amp: torch.dtype | None, predictions: Path | None = None, thresholds: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows ``case, class, dice, hd95_mm, hd95_undefined, volume_mm3, size_bucket`` for every test case and class.
 
-    The predicted masks of the first ``evaluate.save_predictions`` cases go to ``predictions`` when given.
+    Args:
+        predictions: folder for the predicted masks of the first ``evaluate.save_predictions`` cases.
+        thresholds: size-bucket thresholds of the first class (:func:`fold_size_buckets`); None: no buckets.
     """
-    spec = config["tasks"][task]
-    classes = spec["classes"]
-    thresholds = spec.get("size_buckets_mm3")
+    classes = config["tasks"][task]["classes"]
     first = next(iter(classes))
     n_save = config["evaluate"]["save_predictions"] if predictions is not None else 0
     rows = []
@@ -180,7 +195,7 @@ def evaluate_cases(
         volumes = {
             name: float(recorded.get(name, float(ref[c].sum()) * voxel_mm3)) for c, name in enumerate(classes)
         }
-        bucket = size_bucket_of(volumes[first], thresholds) if thresholds else ""
+        bucket = size_bucket(volumes[first], thresholds) if thresholds else ""
         for c, name in enumerate(classes):
             rows.append({
                 "case": case, "class": name, "dice": dice_score(pred[c], ref[c]),
@@ -188,12 +203,6 @@ def evaluate_cases(
                 "volume_mm3": volumes[name], "size_bucket": bucket,
             })
     return rows
-
-
-def size_bucket_of(volume_mm3: float, thresholds: Sequence[float]) -> str:
-    from sar3d.splits import size_bucket
-
-    return size_bucket(volume_mm3, thresholds)
 
 
 def summarise(frame: pd.DataFrame) -> dict[str, float]:
@@ -236,13 +245,14 @@ def run_evaluate(
     net = build_segmenter(config, task)
     net.load_state_dict(load_state_dict_file(model), strict=True)
     net = engine.prepare_model(net, device)
-    thresholds = config["tasks"][task].get("size_buckets_mm3")
+    thresholds = fold_size_buckets(config, task, split)
 
     identity = {"task": task, "init": init, "ratio": ratio, "fold": fold}
-    params = {"evaluate": config["evaluate"], "finetune.patch_size": fcfg["patch_size"], "model": str(model)}
+    params = {"evaluate": config["evaluate"], "finetune.patch_size": fcfg["patch_size"], "model": str(model),
+              "size_buckets_mm3": thresholds}
     with tracked_run(config, "evaluate", identity, params=params) as run, contextlib.ExitStack() as stack:
         pred_dir = stack.enter_context(atomic_output(predictions, directory=True)) if predictions else None
-        rows = evaluate_cases(config, task, net, data, manifest, cases, device, amp, pred_dir)
+        rows = evaluate_cases(config, task, net, data, manifest, cases, device, amp, pred_dir, thresholds)
         frame = pd.DataFrame([{"task": task, "init": init, "ratio": ratio, "fold": fold, **r} for r in rows])
         frame = frame.reindex(columns=CSV_COLUMNS)
         summary = summarise(frame)

@@ -7,8 +7,11 @@
   - keep their seeded random init); skipped keys are logged. All layers train.
 * Data: the split's ``train`` cases reduced to the label ratio with
   :func:`sar3d.splits.nested_label_subsets` (one seeded order per (task, fold), so
-  1/5 ⊂ 1/2 ⊂ 1), cached in memory (MONAI ``CacheDataset``) and cut into patches
-  of ``finetune.patch_size`` by ``RandCropByPosNegLabeld`` with a share
+  1/5 ⊂ 1/2 ⊂ 1), and so are its ``val`` cases (their own seeded order, at least
+  one case; ``finetune.label_ratio_validation: full`` keeps them all), so a
+  ratio covers every annotated case the run touches, model selection included.
+  Training cases are cached in memory (MONAI ``CacheDataset``) and cut into
+  patches of ``finetune.patch_size`` by ``RandCropByPosNegLabeld`` with a share
   ``finetune.foreground_ratio`` of patches centred on foreground. Foreground is
   the union of the task's classes, held in its own ``fg`` key: MONAI treats
   channel 0 of a multi-channel label as one-hot background and would otherwise
@@ -44,12 +47,24 @@ log = logging.getLogger(__name__)
 SCRATCH = "scratch"
 
 
-def training_cases(config: dict[str, Any], task: str, fold: int, ratio: float, train: list[str]) -> list[str]:
-    """The label-ratio subset of a fold's training cases (nested across ratios, at least one case)."""
+def labelled_cases(
+    config: dict[str, Any], task: str, fold: int, ratio: float, train: list[str], val: list[str]
+) -> tuple[list[str], list[str]]:
+    """The label-ratio subsets of a fold's training and validation cases.
+
+    Each is nested across ratios (one seeded order per (task, fold) and part) and
+    holds at least one case, so a ratio-r run touches at most ``ceil(r * N) + 1`` of
+    the fold's N annotated cases; ``label_ratio_validation: full`` keeps every
+    validation case instead.
+    """
     from sar3d.splits import nested_label_subsets
 
-    rng = numpy_rng(config["seed"], "label_subsets", task, fold)
-    return nested_label_subsets(train, [ratio], rng)[ratio]
+    seed = config["seed"]
+    train_r = nested_label_subsets(train, [ratio], numpy_rng(seed, "label_subsets", task, fold))[ratio]
+    if not val or config["finetune"]["label_ratio_validation"] == "full":
+        return train_r, sorted(val)
+    val_r = nested_label_subsets(val, [ratio], numpy_rng(seed, "label_subsets", task, fold, "val"))[ratio]
+    return train_r, val_r
 
 
 def make_patch_dataset(config: dict[str, Any], items: list[dict[str, Any]]) -> Any:
@@ -131,11 +146,10 @@ def run_finetune(
     amp = engine.resolve_precision(fcfg["precision"], device)
     classes = config["tasks"][task]["classes"]
     manifest = read_manifest(data)
-    train_all = split_cases(split, manifest, "train")
-    train = training_cases(config, task, fold, ratio, train_all)
-    val = split_cases(split, manifest, "val")
-    log.info("%s fold %d ratio %s: %d/%d training cases, %d val", task, fold, ratio, len(train), len(train_all),
-             len(val))
+    train_all, val_all = split_cases(split, manifest, "train"), split_cases(split, manifest, "val")
+    train, val = labelled_cases(config, task, fold, ratio, train_all, val_all)
+    log.info("%s fold %d ratio %s: %d/%d training cases, %d/%d val", task, fold, ratio, len(train), len(train_all),
+             len(val), len(val_all))
 
     train_items = [load_case(data, manifest[c], classes) for c in train]
     val_items = [load_case(data, manifest[c], classes) for c in val]
@@ -203,6 +217,7 @@ def run_finetune(
         run.tags({
             "device": str(device), "precision": str(amp or "fp32"), "pretrained": str(pretrained or ""),
             "n_train_cases": len(train), "n_val_cases": len(val), "train_cases": ",".join(train),
+            "val_cases": ",".join(val), "label_ratio_validation": fcfg["label_ratio_validation"],
             "transfer_skipped": ",".join(skipped) if skipped else "-",
             "validation_on": "val" if val_items else "train (no val cases)",
         })

@@ -13,6 +13,8 @@ PREPROCESSED_PRETRAIN = "{results}/preprocessed/pretrain/{dataset}"
 PREPROCESSED_TASK = "{results}/preprocessed/tasks/{task}"
 SPLIT = "{results}/splits/{task}/fold{fold}.json"
 HELDOUT = "{results}/splits/{task}/heldout.json"
+# Thresholds of a bucketed task (auto: computed by the split) and how they were set.
+SIZE_BUCKETS = "{results}/splits/{task}/size_buckets.json"
 CUBES = "{results}/cubes/{dataset}"
 PRETRAINED = "{results}/models/pretrain/{method}/model.pt"
 PRETRAIN_CHECKPOINT = "{results}/models/pretrain/{method}/checkpoint.pt"

@@ -30,9 +30,9 @@ from sar3d.seeding import numpy_rng
 Vec3 = tuple[float, float, float]
 
 # Whole-tumour volumes (mm^3) of the brain phantom: cases are spread evenly, in
-# log-volume, over the three intervals these knots bound. The inner knots equal
-# the default `tasks.brain_tumour.size_buckets_mm3`, so each size bucket holds a
-# third of the cases.
+# log-volume, over the three intervals these knots bound: the inner knots as fixed
+# size_buckets_mm3 put a third of the cases in each bucket, and the default tertile
+# buckets (`size_buckets_mm3: auto`) land close to them.
 BRAIN_TUMOUR_VOLUME_KNOTS_MM3 = (500.0, 4000.0, 16000.0, 50000.0)
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 

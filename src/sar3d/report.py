@@ -32,7 +32,9 @@ Nothing is dropped silently: the expected grid comes from the config, and an
 naming the missing folds and giving the value over the folds present (so a
 partial grid - jobs that failed under ``snakemake --keep-going`` - still gives
 every table: ``sar3d report-all``); a fold without a test case in a size bucket
-is footnoted. Each CSV row carries the MLflow run ids of the evaluations
+is footnoted. A bucketed task's footnote gives its thresholds and how they were
+set (for ``auto``: computed by the split stage, read from ``size_buckets.json``).
+Each CSV row carries the MLflow run ids of the evaluations
 (from the JSON sidecars) and fine-tuning runs (from the tracking store) it
 came from.
 """
@@ -50,10 +52,11 @@ import numpy as np
 import pandas as pd
 
 from sar3d import paths
-from sar3d.evaluate import CSV_COLUMNS, OPTIONAL_COLUMNS, bucket_rule, sidecar_path
+from sar3d.evaluate import CSV_COLUMNS, OPTIONAL_COLUMNS, sidecar_path
 from sar3d.grid import bucketed_tasks, configured_tables, finetune_jobs, table2_inits, table3_inits
 from sar3d.io import InputDataError, atomic_output, read_json
 from sar3d.seeding import derive_seed
+from sar3d.splits import AUTO, bucket_rule
 from sar3d.stats import compare
 
 log = logging.getLogger(__name__)
@@ -374,6 +377,22 @@ def _cell_record(table: pd.DataFrame, col: Column, init: str) -> pd.Series:
     return rec.iloc[0]
 
 
+def bucket_note(config: Mapping[str, Any], task: str) -> str:
+    """How a bucketed task's size buckets were set, from the split's ``size_buckets.json`` (auto: only there)."""
+    tspec = config["tasks"][task]
+    first = next(iter(tspec["classes"]))
+    path = paths.fill(paths.SIZE_BUCKETS, config["results_dir"], task=task)
+    if path.exists():
+        record = read_json(path)
+        rule, how = bucket_rule(record["thresholds_mm3"]), record["how"]
+    elif tspec["size_buckets_mm3"] == AUTO:
+        return (f"Size buckets by reference {first} volume: tertiles of the cases never tested, "
+                f"not known here ({path} does not exist).")
+    else:
+        rule, how = bucket_rule(tspec["size_buckets_mm3"]), "set in the config"
+    return f"Size buckets by reference {first} volume: {rule} ({how})."
+
+
 def render_markdown(config: Mapping[str, Any], spec: TableSpec, table: pd.DataFrame) -> str:
     """A table as Markdown: values with the best bold, the comparison with the reference, notes."""
     headers = _headers(spec)
@@ -418,8 +437,7 @@ def render_markdown(config: Mapping[str, Any], spec: TableSpec, table: pd.DataFr
         cols = ", ".join(c.label for c in spec.columns if c.task == task)
         lines.append(f"- **{task}** ({cols}): {split['n']} {kind}.")
         if tspec.get("size_buckets_mm3"):
-            first = next(iter(tspec["classes"]))
-            lines.append(f"  Size buckets by reference {first} volume: {bucket_rule(tspec['size_buckets_mm3'])}.")
+            lines.append(f"  {bucket_note(config, task)}")
     lines += _comparison_markdown(config, spec, table, headers)
     lines += ["", "MLflow run ids of every cell (evaluation and fine-tuning, per fold) are in the CSV "
               "(`eval_run_ids`, `finetune_run_ids`)."]
@@ -486,7 +504,8 @@ def run_report(
     out_md = Path(out_md or paths.fill(paths.TABLE_MD, results, table=table))
     grid = read_grid(config, evaluations)
     params = {"finetune.inits": config["finetune"]["inits"], "report": config["report"],
-              "n_evaluations": int(grid.frame[["task", "init", "ratio", "fold"]].drop_duplicates().shape[0])}
+              "n_evaluations": int(grid.frame[["task", "init", "ratio", "fold"]].drop_duplicates().shape[0]),
+              "size_buckets": {task: bucket_note(config, task) for task in bucketed_tasks(config)}}
     with tracked_run(config, "report", {"table": table}, params=params) as run:
         numbers = write_table(config, table, grid, out_csv, out_md)
         written = [out_csv, out_md]

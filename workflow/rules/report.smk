@@ -12,6 +12,11 @@ def evaluation_files(table):
     ]
 
 
+def bucket_files():
+    """Size-bucket thresholds of the bucketed tasks (their footnotes; auto thresholds exist only there)."""
+    return [path(paths.SIZE_BUCKETS, task=task) for task in grid.bucketed_tasks(STUDY)]
+
+
 def table_path(name, ext="csv"):
     return path(paths.TABLE if ext == "csv" else paths.TABLE_MD, table=name)
 
@@ -52,6 +57,7 @@ rule report_table2:
         hd95_md=report(table_path("table2_hd95", "md"), caption="../report/table2_hd95.rst", category="Tables"),
     input:
         evaluations=evaluation_files("table2"),
+        buckets=bucket_files(),
         tracking=TRACKING,
     params:
         **REPORT_PARAMS,
@@ -73,6 +79,7 @@ rule report_table3:
         md=report(table_path("table3", "md"), caption="../report/table3.rst", category="Tables"),
     input:
         evaluations=evaluation_files("table3"),
+        buckets=bucket_files(),
         tracking=TRACKING,
     params:
         **REPORT_PARAMS,
@@ -94,6 +101,7 @@ rule report_table4:
         svg=figure_path("table4_label_ratios", "svg"),
     input:
         evaluations=evaluation_files("table4"),
+        buckets=bucket_files(),
         tracking=TRACKING,
     params:
         **REPORT_PARAMS,
