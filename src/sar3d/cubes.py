@@ -1,19 +1,21 @@
 """Multi-scale cube generator (paper section 2.2, Fig. 2, Table 1).
 
-From every pre-training volume, crops of about 1/2, 1/4 and 1/8 of the volume
-side are cut at random positions in the ratio 1:1:2 (small crops are more
-diverse), then all are resized to one input size (64x64x32). A crop's label for
-the scale-aware module is the position of its fraction in ``cubes.scales``
-(:func:`scale_index`), so reordering the scales reorders the labels with them.
+From every pre-training volume, crops of about 1/2, 1/4 and 1/8 of the
+volume's smaller in-plane side are cut at random positions in the ratio 1:1:2
+(small crops are more diverse), then all are resized to one input size
+(64x64x32). A crop's label for the scale-aware module is the position of its
+fraction in ``cubes.scales`` (:func:`scale_index`), so reordering the scales
+reorders the labels with them.
 
 Geometry (docs/deviations.md): every crop has the *physical* aspect of the
-input size (2:2:1 for 64x64x32), so resizing never squashes anatomy; its
-in-plane side is the scale times the volume's smaller in-plane extent (mm).
-A volume too thin for that box gets the largest box of the same aspect that
-fits (all sides shrunk by one factor), counted per scale as
-``n_clamped_scale{s}``. Crops larger than the input size are downsampled by
-area averaging (anti-aliased, no zero-padded filter darkening the borders);
-smaller ones are upsampled trilinearly.
+input size (2:2:1 for 64x64x32), so resizing scales every axis by the same
+factor (to voxel rounding) instead of squashing anatomy; its in-plane side is
+the scale times the volume's smaller in-plane extent (mm). A volume too thin
+for that box gets the largest box of the same aspect that fits (all sides
+shrunk by one factor), counted per scale as ``n_clamped_scale{s}``. Crops
+larger than the input size are downsampled by area averaging (anti-aliased,
+no zero-padded filter darkening the borders); smaller ones are upsampled
+trilinearly.
 
 Cases that are a test case of any downstream task on the same dataset are
 excluded first, so no test image is ever exposed to pre-training; pre-training
