@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from sar3d.config import ConfigError, load_config, tracking_uri, validate_config
+from sar3d.cubes import cubes_per_volume
+from sar3d.splits import round_half_up
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,27 @@ def test_paper_overlay_restores_the_papers_settings() -> None:
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
     del raw["pretrain"]["optimizer"]
     assert validate_config(raw)["pretrain"]["optimizer"]["lr"]["unet"] == 1.0
+
+
+def test_paper_overlay_cube_counts_and_epochs_follow_table_1() -> None:
+    """Cubes per volume per dataset as Table 1, and one pre-training epoch = one pass over its cubes."""
+    overlay = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    config = load_config(REPO / "config.yaml", overrides=overlay)
+    cubes, pretrain = config["cubes"], config["pretrain"]
+    # Table 1: cases (volumes per case) and sub-volume numbers (sum over the three scales)
+    table1 = {"luna16": (623, 1, 39872), "lits": (111, 1, 14208), "brats": (190, 4, 48640), "heart": (30, 1, 3840)}
+    n_train = n_val = 0
+    for dataset, (cases, channels, total) in table1.items():
+        per_volume = cubes_per_volume(cubes, dataset)
+        assert cases * channels * per_volume == total, dataset
+        val_cases = round_half_up(cubes["val_fraction"] * cases)  # the cube stage's case-level split
+        n_val += val_cases * channels * per_volume
+        n_train += (cases - val_cases) * channels * per_volume
+    assert pretrain["steps_per_epoch"] == n_train // pretrain["batch_size"]
+    assert pretrain["val_steps"] == n_val // pretrain["batch_size"]
+    assert pretrain["early_stopping_patience"] < pretrain["epochs"]
+    assert pretrain["plateau"]["patience"] < pretrain["early_stopping_patience"]
+    assert config["finetune"]["plateau"]["patience"] < config["finetune"]["early_stopping_patience"]
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:

@@ -14,9 +14,18 @@ import pytest
 
 from sar3d.config import tracking_uri, validate_config
 from sar3d.io import InputDataError, voxel_spacing
-from sar3d.normalise import ct_pancreas, run_normalise_pretrain, run_normalise_task, zscore_nonzero
+from sar3d.normalise import (
+    ct_pancreas,
+    minmax_to_unit,
+    resample_to_spacing,
+    run_normalise_pretrain,
+    run_normalise_task,
+    zscore_nonzero,
+)
+from sar3d.phantom import write_phantom_dataset
 
 CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
+FIXED = {"pretrain_scaling": "fixed"}
 
 
 def study(results: Path, **sections: Any) -> dict[str, Any]:
@@ -93,7 +102,7 @@ def test_pretrain_ct_intensities_geometry_and_manifest(tmp_path: Path, results: 
     )
 
     out = tmp_path / "pre"
-    run_normalise_pretrain(study(results), "ct", raw, out)
+    run_normalise_pretrain(study(results, preprocess=FIXED), "ct", raw, out)
 
     grid, _ = loaded(out / "images" / "grid_c0.nii.gz")
     np.testing.assert_allclose(grid[:, 0, 0], [0.0, 0.0, 0.5, 0.75, 1.0, 1.0], atol=1e-6)
@@ -120,7 +129,7 @@ def test_pretrain_mri_channels_last_and_clip(tmp_path: Path, results: Path) -> N
     image = np.stack([np.full((6, 6, 5), v, dtype=np.float32) for v in (4000, 2000, 8000, 100)], axis=-1)
     raw = write_msd(tmp_path / "raw", {"c1": (image, None, np.eye(4))})
     out = tmp_path / "pre"
-    run_normalise_pretrain(study(results), "mri", raw, out)
+    run_normalise_pretrain(study(results, preprocess=FIXED), "mri", raw, out)
     assert sorted(p.name for p in (out / "images").iterdir()) == ["c1_c0.nii.gz", "c1_c2.nii.gz"]
     np.testing.assert_allclose(loaded(out / "images" / "c1_c0.nii.gz")[0], 1.0)  # 4000 -> 1
     np.testing.assert_allclose(loaded(out / "images" / "c1_c2.nii.gz")[0], 1.0)  # clipped
@@ -131,6 +140,87 @@ def test_pretrain_mri_channels_last_and_clip(tmp_path: Path, results: Path) -> N
     experiment = client.get_experiment_by_name("sar3d-tests-data")
     runs = client.search_runs([experiment.experiment_id], "tags.job_key = 'normalise/dataset=mri'")
     assert any(r.data.metrics.get("n_volumes") == 2 and r.data.metrics.get("n_cases") == 1 for r in runs)
+
+
+def test_minmax_maps_each_volumes_own_range() -> None:
+    ramp = np.linspace(-2000.0, 3000.0, 1001, dtype=np.float32)  # clipped to [0, 4000]: 601 distinct values
+    unit = minmax_to_unit(ramp, 0.0, 4000.0, [0.0, 100.0])
+    np.testing.assert_allclose(unit, np.clip(ramp, 0, 3000) / 3000.0, atol=1e-6)  # own max 3000 -> 1, not 0.75
+    robust = minmax_to_unit(ramp, 0.0, 4000.0, [0.0, 90.0])
+    top = np.percentile(np.clip(ramp, 0, 4000), 90)
+    np.testing.assert_allclose(robust, np.clip(np.clip(ramp, 0, 3000) / top, 0, 1), atol=1e-6)
+    sparse = np.zeros(1000, dtype=np.float32)
+    sparse[0] = 50.0  # the 99.5th percentile is the background: the maximum is used
+    assert minmax_to_unit(sparse, 0.0, 4000.0, [0.0, 99.5]).max() == 1.0
+    with pytest.raises(ValueError, match="constant"):
+        minmax_to_unit(np.full(10, 7000.0, dtype=np.float32), 0.0, 4000.0, [0.0, 99.5])  # constant once clipped
+
+
+def test_constant_volume_is_an_input_error_naming_the_file(tmp_path: Path, results: Path) -> None:
+    varied = np.arange(60, dtype=np.float32).reshape(5, 4, 3) * 10
+    flat = np.full((5, 4, 3), 300.0, dtype=np.float32)
+    raw = write_msd(tmp_path / "raw", {"a": (varied, None, np.eye(4)), "b": (flat, None, np.eye(4))})
+    config = study(results)
+    with pytest.raises(InputDataError, match="constant") as err:
+        run_normalise_pretrain(config, "ct", raw, tmp_path / "out")
+    assert err.value.path == raw / "imagesTr" / "b.nii.gz"
+    assert not (tmp_path / "out").exists()
+    run_normalise_pretrain(study(results, preprocess=FIXED), "ct", raw, tmp_path / "out")  # fixed maps it to 0.65
+    np.testing.assert_allclose(loaded(tmp_path / "out" / "images" / "b_c0.nii.gz")[0], 0.65, atol=1e-6)
+
+
+def body_mask(raw: np.ndarray, modality: str) -> np.ndarray:
+    """Voxels inside the body, from the raw intensities: CT above -500 HU, MRI above a tenth of the median signal."""
+    if modality == "CT":
+        return raw > -500.0
+    return raw > 0.1 * np.median(raw[raw > 0])
+
+
+def assert_spans_unit(unit: np.ndarray, raw: np.ndarray, modality: str, where: str) -> None:
+    """The issue's criterion: background reaches 0 (1st percentile <= 0.05), the body reaches 1 (99th >= 0.9)."""
+    body = body_mask(raw, modality)
+    assert body.mean() > 0.1, where
+    assert unit.min() >= 0.0 and unit.max() <= 1.0, where
+    assert np.percentile(unit, 1) <= 0.05, where
+    assert np.percentile(unit[body], 99) >= 0.9, where
+
+
+def normalised_pairs(out: Path, raw: Path, spacing: list[float]):
+    """(case, channel, normalised volume, raw volume resampled to the same grid) for every output volume."""
+    for entry in json.loads((out / "manifest.json").read_text())["cases"]:
+        unit, _ = loaded(out / entry["image"])
+        image = nib.load(str(raw / "imagesTr" / f"{entry['case']}.nii.gz"))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        data = data[..., entry["channel"]] if data.ndim == 4 else data
+        resampled, _ = resample_to_spacing(data[None], image.affine, spacing)
+        yield entry["case"], entry["channel"], unit, resampled[0]
+
+
+def test_phantom_pretraining_volumes_of_both_modalities_span_unit(tmp_path: Path, results: Path) -> None:
+    kinds = {"chest": ("chest_ct", "CT"), "liver": ("liver_ct", "CT"), "brain": ("brain_mri", "MRI"),
+             "heart": ("heart_mri", "MRI")}
+    spacing = [2.0, 2.0, 2.0]
+    datasets = {name: {"source": "phantom", "phantom": kind, "modality": mod} for name, (kind, mod) in kinds.items()}
+    channels = {name: {"channels": [0, 1, 2, 3] if name == "brain" else [0]} for name in kinds}
+    tasks = {"b": {"dataset": "brain", "normalisation": "zscore_nonzero", "labels": [0, 1, 2, 3],
+                   "classes": {"t": [1, 2, 3]}, "split": {"kind": "trials", "n": 1}}}
+    base = {"results_dir": str(results), "tracking": {"experiment": "sar3d-tests-data"}, "datasets": datasets,
+            "pretrain": {"datasets": channels}, "tasks": tasks}
+    narrow_mri = []
+    for name, (kind, modality) in kinds.items():
+        raw = tmp_path / "raw" / name
+        write_phantom_dataset(kind, 2, 7, raw)
+        for scaling in ("minmax", "fixed"):
+            config = validate_config({**base, "preprocess": {"spacing": spacing, "pretrain_scaling": scaling}})
+            out = tmp_path / scaling / name
+            run_normalise_pretrain(config, name, raw, out)
+            for case, channel, unit, resampled in normalised_pairs(out, raw, spacing):
+                if scaling == "minmax":
+                    assert_spans_unit(unit, resampled, modality, f"{name} {case} c{channel}")
+                elif modality == "MRI":
+                    narrow_mri.append(np.percentile(unit[body_mask(resampled, modality)], 99))
+    # what the option keeps: the fixed [0, 4000] mapping leaves phantom MRI far below 1
+    assert max(narrow_mri) < 0.7
 
 
 def brain_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +306,8 @@ def test_real_mri_resampled_to_2mm(tmp_path: Path, results: Path) -> None:
     np.testing.assert_allclose(voxel_spacing(affine), 2.0)
     np.testing.assert_allclose(affine[:3, 3], nib.load(str(CH2)).affine[:3, 3], atol=1e-6)
     assert data.min() >= 0.0 and data.max() <= 1.0 and data.max() > 0
+    (_, _, unit, resampled), = normalised_pairs(out, raw, [2.0, 2.0, 2.0])
+    assert_spans_unit(unit, resampled, "MRI", "ch2")  # a real T1 (0-254) reaches the whole of [0, 1]
 
 
 def expect_failure(run, raw: Path, out: Path, bad_file: Path) -> None:
@@ -229,7 +321,7 @@ def expect_failure(run, raw: Path, out: Path, bad_file: Path) -> None:
 
 def test_nan_and_truncated_images_are_refused(tmp_path: Path, results: Path) -> None:
     config = study(results)
-    good = np.ones((5, 5, 4), dtype=np.float32)
+    good = np.arange(100, dtype=np.float32).reshape(5, 5, 4)
     bad = good.copy()
     bad[2, 2, 2] = np.nan
     raw = write_msd(tmp_path / "raw", {"a": (good, None, np.eye(4)), "b": (bad, None, np.eye(4))})

@@ -21,7 +21,7 @@ import pytest
 from sar3d.config import validate_config
 from sar3d.cubes import apportion, cut_cubes
 from sar3d.io import load_volume, voxel_spacing
-from sar3d.normalise import run_normalise_pretrain
+from sar3d.normalise import resample_to_spacing, run_normalise_pretrain
 
 CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 # CI installs the package, so there a missing file fails instead of skipping
@@ -79,18 +79,28 @@ def test_pretraining_normalisation_of_a_real_ct(
     # physical extent kept within a voxel: 256 x 0.957 mm ~ 245 mm -> ~122 voxels of 2 mm
     assert abs(volume.shape[0] * 2.0 - hu.shape[0] * 0.957) <= 2.0
     assert volume.min() >= 0.0 and volume.max() <= 1.0
-    # the paper's mapping: [-1000, 1000] HU -> [0, 1], so air ~ 0, water 0.5, bone saturates at 1
+    # air and dense bone reach both clip bounds, so the per-volume min-max is [-1000, 1000] HU -> [0, 1]:
+    # air ~ 0, water 0.5, bone saturates at 1
     assert np.mean(volume < 0.05) > 0.3
     brain = volume[(volume > 0.5) & (volume < 0.6)]  # 0..200 HU: brain and soft tissue
     assert brain.size > 0.05 * volume.size
     assert np.mean(volume >= 0.99) > 0.005  # skull
+    # per-volume min-max (the default) spans [0, 1]: air reaches 0, the head (above -500 HU) reaches 1
+    raw_affine = nib.load(str(raw / "imagesTr" / "cranium.nii.gz")).affine
+    head, _ = resample_to_spacing(hu.astype(np.float32)[None], raw_affine, [2.0, 2.0, 2.0])
+    assert head.shape[1:] == volume.shape
+    assert np.percentile(volume, 1) <= 0.05 and np.percentile(volume[head[0] > -500], 99) >= 0.9
 
-    # multi-scale cubes from real anatomy: 1:1:2, all the configured size, in [0, 1]
+    # multi-scale cubes from real anatomy: 1:1:2, all the configured size, in [0, 1], boxes of aspect 2:2:1
     counts = apportion(8, [1, 1, 2])
-    cubes, records = cut_cubes(volume, counts, [0.5, 0.25, 0.125], (32, 32, 16), 0.05, np.random.default_rng(0))
+    cubes, crops = cut_cubes(volume, (2.0, 2.0, 2.0), counts, [0.5, 0.25, 0.125], (32, 32, 16), 0.05,
+                             np.random.default_rng(0))
     assert cubes.shape == (8, 32, 32, 16)
-    assert [r[0] for r in records].count(2) == 2 * [r[0] for r in records].count(0) == 4
+    assert [c.scale for c in crops].count(2) == 2 * [c.scale for c in crops].count(0) == 4
     assert cubes.min() >= 0.0 and cubes.max() <= 1.0
-    for (_, _, size), cube in zip(records, cubes, strict=True):
+    in_plane_mm = 2.0 * min(volume.shape[:2])
+    for crop, cube in zip(crops, cubes, strict=True):
         assert np.mean(cube > 0.01) >= 0.05  # no empty air cubes
-        assert size[0] <= volume.shape[0] // 2 + 1
+        side = [0.5, 0.25, 0.125][crop.scale] * in_plane_mm
+        assert not crop.clamped
+        np.testing.assert_allclose(np.array(crop.size) * 2.0, [side, side, side / 2], atol=1.0)

@@ -122,9 +122,15 @@ def _cross_check(config: dict[str, Any]) -> None:
             f"config key 'report.reference': Table 3 compares 'finetune.ablation_inits' with '{reference}', "
             "which must be in 'finetune.inits'"
         )
+    lower, upper = config["preprocess"]["minmax_percentiles"]
+    if lower >= upper:
+        raise ConfigError("config key 'preprocess.minmax_percentiles': the lower percentile must be below the upper")
     cubes = config["cubes"]
     if len(cubes["scales"]) != len(cubes["ratio"]):
         raise ConfigError("config key 'cubes.ratio': needs one entry per entry of 'cubes.scales'")
+    for name in cubes["per_volume_by_dataset"]:
+        if name not in datasets:
+            raise ConfigError(f"config key 'cubes.per_volume_by_dataset.{name}': no dataset '{name}' in 'datasets'")
 
 
 def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,9 +1,21 @@
 """Multi-scale cube generator (paper section 2.2, Fig. 2, Table 1).
 
-From every pre-training volume, crops of about 1/2, 1/4 and 1/8 of the volume
-side are cut at random positions in the ratio 1:1:2 (small crops are more
-diverse), then all are resized to one input size (64x64x32). The scale index is
-the label of the scale-aware module.
+From every pre-training volume, crops of about 1/2, 1/4 and 1/8 of the
+volume's smaller in-plane side are cut at random positions in the ratio 1:1:2
+(small crops are more diverse), then all are resized to one input size
+(64x64x32). A crop's label for the scale-aware module is the position of its
+fraction in ``cubes.scales`` (:func:`scale_index`), so reordering the scales
+reorders the labels with them.
+
+Geometry (docs/deviations.md): every crop has the *physical* aspect of the
+input size (2:2:1 for 64x64x32), so resizing scales every axis by the same
+factor (to voxel rounding) instead of squashing anatomy; its in-plane side is
+the scale times the volume's smaller in-plane extent (mm). A volume too thin
+for that box gets the largest box of the same aspect that fits (all sides
+shrunk by one factor), counted per scale as ``n_clamped_scale{s}``. Crops
+larger than the input size are downsampled by area averaging (anti-aliased,
+no zero-padded filter darkening the borders); smaller ones are upsampled
+trilinearly.
 
 Cases that are a test case of any downstream task on the same dataset are
 excluded first, so no test image is ever exposed to pre-training; pre-training
@@ -15,10 +27,11 @@ bounded by one volume however many cubes are cut.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -27,7 +40,7 @@ from monai.transforms import Resize
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from sar3d.io import InputDataError, atomic_output, load_volume, read_json, write_json
+from sar3d.io import InputDataError, atomic_output, load_volume, read_json, voxel_spacing, write_json
 from sar3d.paths import MANIFEST
 from sar3d.seeding import numpy_rng
 from sar3d.splits import round_half_up
@@ -59,9 +72,72 @@ def apportion(total: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
-def crop_size(shape: Sequence[int], scale: float) -> tuple[int, int, int]:
-    """Crop side per axis: ``round(scale * side)``, at least 2 voxels, at most the side."""
-    return tuple(min(int(s), max(2, round_half_up(scale * s))) for s in shape)
+def scale_index(scales: Sequence[float], fraction: float) -> int:
+    """Scale label of crops cut at ``fraction`` of the volume side: its position in ``cubes.scales``.
+
+    The one mapping from a scale to its label, so nothing downstream hard-codes
+    "0 = 1/2" and a reordered ``cubes.scales`` cannot mislabel an ablation.
+
+    Args:
+        scales: ``cubes.scales`` as configured (distinct fractions).
+        fraction: the scale asked for, e.g. 0.125 for the 1/8 crops.
+    """
+    matches = [i for i, s in enumerate(scales) if math.isclose(float(s), float(fraction), rel_tol=1e-9)]
+    if len(matches) != 1:
+        raise ValueError(f"scale {fraction} is {'listed twice' if matches else 'not'} in cubes.scales {list(scales)}")
+    return matches[0]
+
+
+def cubes_per_volume(spec: Mapping[str, Any], dataset: str) -> int:
+    """Cubes cut from each volume of ``dataset``: its ``per_volume_by_dataset`` entry, else ``per_volume``."""
+    return int(spec.get("per_volume_by_dataset", {}).get(dataset, spec["per_volume"]))
+
+
+def crop_extent_mm(
+    shape: Sequence[int], spacing: Sequence[float], scale: float, out_size: Sequence[int]
+) -> tuple[np.ndarray, bool]:
+    """Physical crop size (mm per axis) at ``scale``, and whether it had to shrink to fit.
+
+    The crop has the aspect of ``out_size`` (2:2:1 for 64x64x32); its largest
+    in-plane side is ``scale`` times the volume's smaller in-plane extent. When
+    that box does not fit (a thin volume), every side shrinks by the same factor
+    until it does, which keeps the aspect and gives up the exact scale.
+    """
+    extent = np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)
+    aspect = np.asarray(out_size, dtype=np.float64) / max(out_size[0], out_size[1])
+    box = scale * min(extent[0], extent[1]) * aspect
+    fit = float(np.min(extent / box))
+    return (box * fit, True) if fit < 1.0 - 1e-9 else (box, False)
+
+
+def crop_size(
+    shape: Sequence[int], spacing: Sequence[float], scale: float, out_size: Sequence[int]
+) -> tuple[tuple[int, int, int], bool]:
+    """Crop size in voxels (the mm box of :func:`crop_extent_mm` rounded, 2 to the side) and the clamp flag."""
+    extent, clamped = crop_extent_mm(shape, spacing, scale, out_size)
+    voxels = tuple(
+        min(int(n), max(2, round_half_up(mm / float(s)))) for n, mm, s in zip(shape, extent, spacing, strict=True)
+    )
+    return voxels, clamped  # type: ignore[return-value]
+
+
+def resize_crops(crops: np.ndarray, out_size: Sequence[int]) -> np.ndarray:
+    """Resize crops ``(N, X, Y, Z)`` of one size to ``(N, *out_size)``, anti-aliased where they shrink.
+
+    Axes that shrink are area-averaged first (MONAI ``Resize`` mode ``area``, an
+    exact box filter with no padding), axes that grow are then interpolated
+    trilinearly. MONAI's Gaussian ``anti_aliasing`` is not used: it zero-pads,
+    which darkens the borders of downsampled crops only (measured: a constant
+    crop came out 0.80-0.93 at its faces), a cue that would give the scale away.
+    """
+    out = tuple(int(s) for s in out_size)
+    tensor = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
+    shrunk = tuple(min(n, o) for n, o in zip(tensor.shape[1:], out, strict=True))
+    if shrunk != tuple(tensor.shape[1:]):
+        tensor = torch.as_tensor(Resize(spatial_size=shrunk, mode="area")(tensor))
+    if shrunk != out:
+        tensor = torch.as_tensor(Resize(spatial_size=out, mode="trilinear", anti_aliasing=False)(tensor))
+    return np.clip(tensor.numpy().astype(np.float32, copy=False), 0.0, 1.0)
 
 
 def _summed_area(mask: np.ndarray) -> np.ndarray:
@@ -104,30 +180,37 @@ def choose_origins(
     return origins
 
 
-def cut_cubes(
-    volume: np.ndarray, counts: Sequence[int], scales: Sequence[float], out_size: Sequence[int],
-    min_foreground: float, rng: np.random.Generator,
-) -> tuple[np.ndarray, list[tuple[int, np.ndarray, tuple[int, int, int]]]]:
-    """All cubes of one volume: ``(cubes (N, *out_size), [(scale index, origin, size), ...])``.
+class Crop(NamedTuple):
+    """Where one cube came from: scale label, origin and size (voxels), and whether its box was clamped."""
 
-    Crops of one scale share their size, so they are resized together in one
-    MONAI ``Resize`` call (the crops stacked along the channel axis).
+    scale: int
+    origin: np.ndarray
+    size: tuple[int, int, int]
+    clamped: bool
+
+
+def cut_cubes(
+    volume: np.ndarray, spacing: Sequence[float], counts: Sequence[int], scales: Sequence[float],
+    out_size: Sequence[int], min_foreground: float, rng: np.random.Generator,
+) -> tuple[np.ndarray, list[Crop]]:
+    """All cubes of one volume: ``(cubes (N, *out_size), one Crop per cube)``.
+
+    ``counts[s]`` crops are cut at ``scales[s]`` and labelled ``s``. Crops of one
+    scale share their size, so they are resized together.
     """
     table = _summed_area(volume > BACKGROUND_LEVEL)
-    resize = Resize(spatial_size=tuple(out_size), mode="trilinear", anti_aliasing=False)
     cubes: list[np.ndarray] = []
-    records: list[tuple[int, np.ndarray, tuple[int, int, int]]] = []
+    records: list[Crop] = []
     for s, (scale, count) in enumerate(zip(scales, counts, strict=True)):
         if count == 0:
             continue
-        size = crop_size(volume.shape, scale)
+        size, clamped = crop_size(volume.shape, spacing, scale, out_size)
         origins = choose_origins(table, volume.shape, size, count, min_foreground, rng)
         crops = np.stack(
             [volume[o[0] : o[0] + size[0], o[1] : o[1] + size[1], o[2] : o[2] + size[2]] for o in origins]
         )
-        resized = resize(torch.from_numpy(crops))
-        cubes.append(np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0))
-        records.extend((s, origin, size) for origin in origins)
+        cubes.append(resize_crops(crops, out_size))
+        records.extend(Crop(s, origin, size, clamped) for origin in origins)
     return np.concatenate(cubes), records
 
 
@@ -173,33 +256,38 @@ def run_cubes(config: Mapping[str, Any], dataset: str, data: Path, heldout: list
             "pre-training needs at least 2 (train and validation)",
         )
     split_of = split_cases(kept_cases, spec["val_fraction"], numpy_rng(seed, "cubes", dataset, "split"))
-    counts = apportion(spec["per_volume"], spec["ratio"])
+    per_volume = cubes_per_volume(spec, dataset)
+    counts = apportion(per_volume, spec["ratio"])
     scales = [float(s) for s in spec["scales"]]
     size = [int(s) for s in spec["size"]]
-    n_cubes = len(volumes) * spec["per_volume"]
-    params = {"cubes": spec, "n_heldout_files": len(heldout)}
+    n_cubes = len(volumes) * per_volume
+    params = {"cubes": spec, "n_heldout_files": len(heldout), "cubes_per_volume": per_volume}
     with tracked_run(config, "cubes", {"dataset": dataset}, params=params) as run:
         start = time.perf_counter()
         rows: list[dict[str, Any]] = []
+        clamped = np.zeros(len(scales), dtype=np.int64)
         with atomic_output(out, directory=True) as tmp:
             store = open_memmap(tmp / "cubes.npy", mode="w+", dtype=np.float32, shape=(n_cubes, *size))
             cursor = 0
             for entry in tqdm(volumes, desc=f"cubes {dataset}", unit="volume"):
                 path = data / entry["image"]
-                volume, _ = load_volume(path)
+                volume, affine = load_volume(path)
                 if volume.ndim != 3 or volume.min() < -1e-4 or volume.max() > 1 + 1e-4:
                     raise InputDataError(path, "expected a 3D pre-training volume with values in [0, 1]")
                 rng = numpy_rng(seed, "cubes", dataset, entry["case"], entry["channel"])
-                cubes, records = cut_cubes(volume, counts, scales, size, spec["min_foreground"], rng)
+                cubes, crops = cut_cubes(
+                    volume, voxel_spacing(affine), counts, scales, size, spec["min_foreground"], rng
+                )
                 store[cursor : cursor + len(cubes)] = cubes
-                for s, origin, crop in records:
+                for crop in crops:
+                    clamped[crop.scale] += crop.clamped
                     rows.append(
                         {
                             "index": cursor, "case": entry["case"], "channel": entry["channel"],
-                            "scale": s, "scale_fraction": scales[s], "modality": MODALITY_CODE[modality],
-                            "split": split_of[entry["case"]],
-                            **{f"origin_{a}": int(o) for a, o in zip("xyz", origin, strict=True)},
-                            **{f"size_{a}": int(c) for a, c in zip("xyz", crop, strict=True)},
+                            "scale": crop.scale, "scale_fraction": scales[crop.scale],
+                            "modality": MODALITY_CODE[modality], "split": split_of[entry["case"]],
+                            **{f"origin_{a}": int(o) for a, o in zip("xyz", crop.origin, strict=True)},
+                            **{f"size_{a}": int(c) for a, c in zip("xyz", crop.size, strict=True)},
                         }
                     )
                     cursor += 1
@@ -210,8 +298,8 @@ def run_cubes(config: Mapping[str, Any], dataset: str, data: Path, heldout: list
             write_json(
                 tmp / MANIFEST,
                 {
-                    "dataset": dataset, "modality": modality, "n_cubes": n_cubes, "size": size,
-                    "scales": scales, "ratio": list(spec["ratio"]), "excluded_cases": excluded,
+                    "dataset": dataset, "modality": modality, "n_cubes": n_cubes, "per_volume": per_volume,
+                    "size": size, "scales": scales, "ratio": list(spec["ratio"]), "excluded_cases": excluded,
                 },
             )
         metrics: dict[str, float] = {
@@ -220,7 +308,12 @@ def run_cubes(config: Mapping[str, Any], dataset: str, data: Path, heldout: list
             "n_val_cases": sum(v == "val" for v in split_of.values()),
             "seconds": time.perf_counter() - start,
         }
+        for s, n in enumerate(clamped):
+            metrics[f"n_clamped_scale{s}"] = int(n)
         for (s, split), n in meta.groupby(["scale", "split"]).size().items():
             metrics[f"n_cubes_scale{s}_{split}"] = int(n)
         run.metrics(metrics)
+    if clamped.any():
+        log.warning("%s: %d crop(s) shrunk to fit a thin volume (per scale: %s)", dataset, clamped.sum(),
+                    clamped.tolist())
     log.info("cut %d cubes from %d volumes of %s", n_cubes, len(volumes), dataset)

@@ -5,7 +5,9 @@ nearest neighbour for labels) so that a crop of a given *fraction* of a volume
 means the same physical size in every dataset, then normalised:
 
 * pre-training: clip to the modality's range (CT [-1000, 1000] HU, MRI
-  [0, 4000]) and scale that range linearly to [0, 1];
+  [0, 4000]), then map each volume on its own to [0, 1] (its 0th and 99.5th
+  intensity percentiles to 0 and 1, ``preprocess.pretrain_scaling: minmax``),
+  or the clip range linearly to [0, 1] (``fixed``);
 * brain tumour task: z-score over the non-zero (brain) region, background kept 0;
 * pancreas task: clip [-96, 215] HU, subtract 77.99, divide by 75.40.
 
@@ -116,16 +118,52 @@ def resample_to_spacing(
 
 
 def scale_to_unit(volume: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Clip to [low, high] and map it linearly to [0, 1].
+    """Clip to [low, high] and map that fixed range linearly to [0, 1] (``pretrain_scaling: fixed``).
 
-    The paper normalises "each volume independently to [0, 1]" after clipping; a
-    fixed clip range (not each volume's own min/max) does that deterministically
-    and keeps one intensity meaning the same thing in every volume (0 HU -> 0.5).
+    One intensity means the same in every volume (0 HU -> 0.5), but an MRI whose
+    signal sits far below the clip maximum lands in a narrow band near 0.
     """
     if high <= low:
         raise ValueError(f"empty clip range [{low}, {high}]")
     out = (np.clip(volume, low, high) - low) / (high - low)
     return out.astype(np.float32)
+
+
+def minmax_to_unit(volume: np.ndarray, low: float, high: float, percentiles: Sequence[float]) -> np.ndarray:
+    """Clip to [low, high], then map this volume's own percentiles to 0 and 1 (``pretrain_scaling: minmax``).
+
+    The paper normalises "each volume independently to [0, 1]" after clipping.
+    The upper anchor is a high percentile rather than the maximum because a few
+    voxels (spline overshoot, noise, vessels) would otherwise set the scale of
+    the whole volume; when the volume is so sparse that the percentile equals
+    the minimum, the maximum is used.
+
+    Raises:
+        ValueError: the clipped volume is constant, so no range can be mapped.
+    """
+    if high <= low:
+        raise ValueError(f"empty clip range [{low}, {high}]")
+    clipped = np.clip(volume, low, high)
+    bottom, top = np.percentile(clipped, percentiles)
+    if top <= bottom:
+        top = clipped.max()
+    if top <= bottom:
+        raise ValueError(f"constant intensity {float(bottom):g} after clipping to [{low:g}, {high:g}]")
+    out = np.clip((clipped - bottom) / (top - bottom), 0.0, 1.0)
+    return out.astype(np.float32)
+
+
+def pretrain_intensities(
+    volume: np.ndarray, preprocess: Mapping[str, Any], modality: str, path: Path, channel: int
+) -> np.ndarray:
+    """One resampled pre-training volume mapped to [0, 1] as ``preprocess`` says; bad input names the file."""
+    low, high = preprocess["clip"][modality]
+    if preprocess["pretrain_scaling"] == "fixed":
+        return scale_to_unit(volume, low, high)
+    try:
+        return minmax_to_unit(volume, low, high, preprocess["minmax_percentiles"])
+    except ValueError as err:
+        raise InputDataError(path, f"channel {channel}: cannot normalise to [0, 1] per volume ({err})") from err
 
 
 def zscore_nonzero(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -178,12 +216,11 @@ def _manifest(purpose: str, dataset: str, task: str | None, modality: str, spaci
 
 
 def run_normalise_pretrain(config: Mapping[str, Any], dataset: str, raw: Path, out: Path) -> None:
-    """Resample every wanted channel of every case and scale it to [0, 1] for pre-training."""
+    """Resample every wanted channel of every case and map it to [0, 1] for pre-training."""
     raw, out = Path(raw), Path(out)
     modality = config["datasets"][dataset]["modality"]
     channels = list(config["pretrain"]["datasets"][dataset]["channels"])
     spacing = config["preprocess"]["spacing"]
-    low, high = config["preprocess"]["clip"][modality]
     params = {
         "preprocess": config["preprocess"],
         "dataset": config["datasets"][dataset],
@@ -201,7 +238,8 @@ def run_normalise_pretrain(config: Mapping[str, Any], dataset: str, raw: Path, o
                 stack, new_affine = resample_to_spacing(stack, affine, spacing)
                 for channel, volume in zip(channels, stack, strict=True):
                     rel = f"images/{rc.case}_c{channel}.nii.gz"
-                    save_volume(tmp / rel, scale_to_unit(volume, low, high), new_affine)
+                    unit = pretrain_intensities(volume, config["preprocess"], modality, rc.image, channel)
+                    save_volume(tmp / rel, unit, new_affine)
                     entries.append(
                         {
                             "case": rc.case,
