@@ -9,6 +9,7 @@ so ``snakemake --profile slurm -n`` already names the profile key to fix.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -22,14 +23,17 @@ WHERE = "the profile (slurm/config.yaml, a link to profiles/slurm/config.yaml) o
 
 
 def _literal(raw: Any) -> str | None:
-    """A resource's value as Snakemake evaluates a plain CLI/profile string (``gpu`` or ``'gpu'``)."""
+    """A resource's value as Snakemake evaluates a plain CLI/profile string (``gpu``, ``'gpu'``, ``a,b``).
+
+    None for anything computed (an expression of ``attempt``...): only Slurm can judge that one.
+    """
     if not isinstance(raw, str):
         return None
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        return raw
-    return value if isinstance(value, str) else None
+        value = raw
+    return value if isinstance(value, str) and re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value) else None
 
 
 def requested_partitions(resource_settings: Any) -> dict[str, str]:
@@ -79,8 +83,10 @@ def check_partitions(requested: Mapping[str, str], sinfo: str = "sinfo") -> None
     known = cluster_partitions(sinfo)
     if known is None:
         return
-    for key, partition in requested.items():
-        if partition not in known:
+    for key, value in requested.items():
+        for partition in value.split(","):  # sbatch -p takes a list: the first that can run the job
+            if partition in known:
+                continue
             raise ConfigError(
                 f"{key}: Slurm partition '{partition}' does not exist on this cluster "
                 f"(sinfo lists: {', '.join(sorted(known)) or 'none'}); fix `{key}` in {WHERE}, "
