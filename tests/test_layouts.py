@@ -20,9 +20,10 @@ import yaml
 from native_layouts import LUNA_ORIGINS, LUNA_UIDS, Built, brats2018_folder, lits_folder, luna16_folder, save_nifti
 from realdata import CH2, CRANIUM, needs
 from sar3d.config import ConfigError, validate_config
-from sar3d.convert import folder_layout
+from sar3d.convert import convert_folder, folder_layout
 from sar3d.download import run_download
 from sar3d.io import InputDataError, load_volume
+from sar3d.layouts import open_layout
 from sar3d.normalise import run_normalise_pretrain, run_normalise_task
 from tinystudy import REPO
 
@@ -240,3 +241,28 @@ def test_config_that_contradicts_the_folder_is_refused_by_key(
         folder_layout(real_study(results, brats={"path": str(both), "modality": "MRI"}), "brats")
     with pytest.raises(InputDataError, match="no supported layout recognised"):
         folder_layout(real_study(results, brats={"path": str(tmp_path), "modality": "MRI"}), "brats")
+
+
+def test_a_sequence_on_another_grid_or_a_wrong_channel_count_names_the_file(brats: Built, tmp_path: Path) -> None:
+    source = copy_of(brats, tmp_path)
+    case = "Brats18_CBICA_AAA_1"
+    t2 = source / "HGG" / case / f"{case}_t2.nii.gz"
+    save_nifti(t2, brats.images[case][1:, :, :, 3], brats.affines[case], np.int16)  # one slice short
+    out = tmp_path / "out-brats"
+    out.mkdir()
+    with pytest.raises(InputDataError, match="does not match") as caught:
+        convert_folder(open_layout(source), out, None, None)
+    assert caught.value.path == t2
+
+    # an MSD folder whose dataset.json declares two channels for 3D images
+    msd = tmp_path / "msd"
+    save_nifti(msd / "imagesTr" / "a.nii.gz", brats.images[case][..., 0], brats.affines[case], np.int16)
+    save_nifti(msd / "labelsTr" / "a.nii.gz", task01_labels(brats.labels[case]), brats.affines[case], np.uint8)
+    (msd / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "FLAIR", "1": "T1w"}, "labels": {"0": "background", "1": "edema", "2": "core", "3": "enh"},
+        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
+    out = tmp_path / "out-msd"
+    out.mkdir()
+    with pytest.raises(InputDataError, match=r"expected 2 channel\(s\) \(FLAIR, T1w\)") as caught:
+        convert_folder(open_layout(msd), out, None, None)
+    assert caught.value.path == msd / "imagesTr" / "a.nii.gz"

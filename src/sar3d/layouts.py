@@ -102,8 +102,10 @@ class Layout:
                 check_same_grid(case.images[0], volumes[0].shape, affine, path, data.shape, this_affine)
             volumes.append(data)
         image = volumes[0] if len(volumes) == 1 else np.stack(volumes, axis=-1)
+        if image.ndim not in (3, 4):
+            raise InputDataError(case.images[0], f"image of shape {image.shape}: expected 3D, or 4D channels last")
         n_channels = image.shape[3] if image.ndim == 4 else 1
-        if image.ndim not in (3, 4) or (self.channels and n_channels != len(self.channels)):
+        if self.channels and n_channels != len(self.channels):
             raise InputDataError(case.images[0], f"image of shape {image.shape}: expected {len(self.channels)} "
                                                  f"channel(s) ({', '.join(self.channels)})")
         label = None
