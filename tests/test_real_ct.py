@@ -8,9 +8,6 @@ that real air, soft tissue and bone land where the paper's normalisation says.
 from __future__ import annotations
 
 import json
-import os
-import plistlib
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +15,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from realdata import CRANIUM, needs, read_inv3
 from sar3d.config import validate_config
 from sar3d.cubes import apportion, cut_cubes
 from sar3d.io import load_volume, voxel_spacing
 from sar3d.normalise import resample_to_spacing, run_normalise_pretrain
 
-CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 # CI installs the package, so there a missing file fails instead of skipping
-pytestmark = pytest.mark.skipif(
-    not CRANIUM.exists() and not os.environ.get("CI"),
-    reason="invesalius-examples is not installed (.ci/run installs it)",
-)
-
-
-def read_inv3(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The HU volume (x, y, z) and spacing of an InVesalius project, read in memory without extracting."""
-    with tarfile.open(path, "r:gz") as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-        header = plistlib.loads(tar.extractfile(members["main.plist"]).read())
-        matrix = header["matrix"]
-        raw = tar.extractfile(members[matrix["filename"]]).read()
-    zyx = np.frombuffer(raw, dtype=matrix["dtype"]).reshape(matrix["shape"])
-    return np.ascontiguousarray(zyx.transpose(2, 1, 0)), tuple(float(s) for s in header["spacing"])
+pytestmark = needs(CRANIUM)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from slurm import fixtures as slurm_fixtures
 
+from slurm import fixtures as slurm_fixtures
 from tinystudy import (
     REPO,
     UnfinishedFold,

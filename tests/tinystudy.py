@@ -47,6 +47,25 @@ def tiny_study(results_dir: Path) -> dict[str, Any]:
     return config
 
 
+def fresh_checkout(dest: Path) -> Path:
+    """The repository's files as a fresh clone has them, copied to ``dest`` (links kept as links).
+
+    Tracked files plus new ones git does not ignore, so uncommitted work is tested too;
+    nothing ignored (.venv, results/, .snakemake/) comes along.
+    """
+    names = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for name in filter(None, names):
+        source, target = REPO / name, dest / name
+        if not os.path.lexists(source):  # deleted in the work tree, not yet committed
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)
+    return dest
+
+
 def unit_config(store: Path, experiment: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The default study validated with ``overrides``, its results and MLflow store under ``store``."""
     from sar3d.config import load_config
@@ -102,12 +121,12 @@ def planned_jobs(output: str) -> dict[str, int]:
     return counts
 
 
-def mlflow_runs(study: Path) -> list[Any]:
-    """Every MLflow run of a tiny study (experiment ``sar3d-tests``)."""
+def mlflow_runs(study: Path, experiment: str = "sar3d-tests") -> list[Any]:
+    """Every MLflow run of a study in ``study`` (by default the tiny study's experiment)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{study / 'results' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("sar3d-tests")
+    experiment = client.get_experiment_by_name(experiment)
     return client.search_runs([experiment.experiment_id], max_results=5000)
 
 

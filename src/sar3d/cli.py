@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sar3d.config import ConfigError, load_config
 from sar3d.io import InputDataError
+from sar3d.layouts import LAYOUTS
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", nargs=2, action="append", default=[], metavar=("INIT", "FOLDER"),
                    help="qualitative: an init's saved predictions (repeat per init)")
 
+    p = sub.add_parser("inspect", help="recognise a dataset folder's layout, summarise it, list every problem")
+    p.add_argument("path", type=Path, help="an MSD, BraTS2018, LUNA16 or LiTS folder")
+    p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS],
+                   help="the layout to read it as (default: recognise it)")
+    p.add_argument("--json", type=Path, default=None, help="also write the full report, case by case, as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("compare", help="the study's runs side by side from MLflow (latest run per job)")
     _add_common(p)
     p.add_argument("--stages", nargs="*", default=[], help="only these stages (e.g. evaluate finetune)")
@@ -114,7 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def inspect(args: argparse.Namespace) -> int:
+    """Print what the folder holds; exit status 1 when the data stage would stop on it."""
+    from sar3d.inspection import format_report, inspect_folder, write_report_json
+
+    report = inspect_folder(args.path, args.layout, progress=not args.no_progress)
+    print(format_report(report))
+    if args.json:
+        write_report_json(report, args.json)
+    return 1 if report.problems else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.stage == "inspect":  # a folder, not a study: no config
+        return inspect(args)
     config = load_config(args.config)
     stage = args.stage
     if stage == "check-config":
@@ -187,17 +208,17 @@ def run(args: argparse.Namespace) -> None:
         run_compare(config, args.stages, args.metrics, args.mean, args.all_runs, args.csv)
     else:  # pragma: no cover - argparse restricts the choices
         raise SystemExit(f"unknown stage {stage}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        return run(args)
     except (ConfigError, InputDataError) as err:
         print(f"sar3d {args.stage}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,9 +3,10 @@
 Three sources share one output contract (docs/architecture.md): ``phantom``
 generates a seeded stand-in, ``msd`` fetches a Medical Segmentation Decathlon task
 from the public mirror MONAI uses (resumable, md5-checked, safely extracted), and
-``folder`` validates and links an existing MSD / nnU-Net v1 folder. The folder is
-built under a temporary name and appears only when complete, ``manifest.json``
-written last.
+``folder`` validates an existing folder and converts it: an MSD / nnU-Net v1 folder
+is linked, the native layouts of BraTS2018, LUNA16 and LiTS (``sar3d.layouts``) are
+converted into the same MSD layout. The folder is built under a temporary name and
+appears only when complete, ``manifest.json`` written last.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,15 @@ from tqdm import tqdm
 
 from sar3d import phantom
 from sar3d.config import ConfigError
+from sar3d.convert import case_record, convert_folder, folder_layout
 from sar3d.io import (
     InputDataError,
     atomic_output,
-    check_labels,
     check_same_grid,
-    load_volume,
     read_json,
-    save_volume,
     write_json,
 )
+from sar3d.layouts import training_pairs
 from sar3d.paths import MANIFEST
 from sar3d.seeding import derive_seed
 
@@ -90,9 +90,10 @@ def run_download(config: Mapping[str, Any], dataset: str, out: Path) -> None:
                 extra = {"task": spec["task"], "url": msd_url(spec), "md5": msd_md5(spec)}
                 cases = describe_cases(tmp)
             elif source == "folder":
-                cases = link_folder(Path(spec["path"]), tmp, spec.get("label_map") or {},
-                                    task_labels(config, dataset))
-                extra = {"path": str(Path(spec["path"]).resolve()), "label_map": spec.get("label_map") or {}}
+                layout = folder_layout(config, dataset)
+                cases, mapping = convert_folder(layout, tmp, spec.get("label_map"), task_labels(config, dataset))
+                extra = {"path": str(layout.root), "layout": layout.name,
+                         "label_map": {str(k): v for k, v in mapping.items()}}
             else:  # pragma: no cover - the schema restricts the choices
                 raise ValueError(f"unknown source {source}")
             summary = finish_folder(tmp, dataset, spec["source"], spec["modality"], cases, extra)
@@ -109,39 +110,6 @@ def task_labels(config: Mapping[str, Any], dataset: str) -> set[int] | None:
 # --------------------------------------------------------------------------- describing a folder
 
 
-def _case_name(image_rel: str) -> str:
-    name = posixpath.basename(image_rel)
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def training_pairs(root: Path) -> list[tuple[str, Path, Path]]:
-    """(case, image, label) of every training entry of ``root/dataset.json``; refuses paths leaving root."""
-    description_path = root / "dataset.json"
-    if not description_path.is_file():
-        raise InputDataError(description_path, "missing; an MSD folder needs dataset.json")
-    description = read_json(description_path)
-    entries = description.get("training") if isinstance(description, dict) else None
-    if not entries:
-        raise InputDataError(description_path, "lists no training cases ('training' is empty or missing)")
-    pairs = []
-    for entry in entries:
-        try:
-            image_rel, label_rel = entry["image"], entry["label"]
-        except (TypeError, KeyError) as err:
-            raise InputDataError(description_path, f"training entry {entry!r} lacks 'image' or 'label'") from err
-        paths = []
-        for rel in (image_rel, label_rel):
-            normalised = posixpath.normpath(rel)
-            if posixpath.isabs(normalised) or normalised.startswith(".."):
-                raise InputDataError(description_path, f"training path '{rel}' points outside the folder")
-            paths.append(root / normalised)
-        pairs.append((_case_name(image_rel), paths[0], paths[1]))
-    return pairs
-
-
 def describe_cases(root: Path) -> list[dict[str, Any]]:
     """Header-level check and description of every training case (cheap: no voxel data read)."""
     cases = []
@@ -156,19 +124,8 @@ def describe_cases(root: Path) -> list[dict[str, Any]]:
                 raise InputDataError(path, f"not a readable NIfTI ({err})") from err
         image, label = headers
         check_same_grid(image_path, image.shape, image.affine, label_path, label.shape, label.affine)
-        cases.append(_case_record(root, case, image_path, label_path, image.shape, image.header.get_zooms()))
+        cases.append(case_record(root, case, image_path, label_path, image.shape, image.header.get_zooms()))
     return cases
-
-
-def _case_record(root: Path, case: str, image: Path, label: Path, shape: Iterable[int],
-                 zooms: Iterable[float]) -> dict[str, Any]:
-    return {
-        "case": case,
-        "image": image.relative_to(root).as_posix(),
-        "label": label.relative_to(root).as_posix(),
-        "shape": [int(n) for n in shape],
-        "spacing": [round(float(s), 6) for s in list(zooms)[:3]],
-    }
 
 
 def finish_folder(root: Path, dataset: str, source: str, modality: str, cases: list[dict[str, Any]],
@@ -179,7 +136,7 @@ def finish_folder(root: Path, dataset: str, source: str, modality: str, cases: l
         stat: [round(float(v), 4) for v in fn(spacings, axis=0)]
         for stat, fn in (("min", np.min), ("median", np.median), ("max", np.max))
     }
-    n_bytes = sum((root / c[key]).stat().st_size for c in cases for key in ("image", "label"))
+    n_bytes = sum((root / c[key]).stat().st_size for c in cases for key in ("image", "label") if c[key])
     description = read_json(root / "dataset.json")
     description["sar3d"] = {"source": source, "modality": modality, "n_cases": len(cases),
                             "spacing_mm": spacing_stats, **extra}
@@ -355,66 +312,3 @@ def _extract_one(tar: tarfile.TarFile, member: tarfile.TarInfo, staging: Path, a
             tar.extract(member, staging)
     except getattr(tarfile, "FilterError", ()) as err:
         raise InputDataError(archive, f"refusing unsafe archive member '{member.name}': {err}") from err
-
-
-# --------------------------------------------------------------------------- folder
-
-
-def link_folder(source: Path, out: Path, label_map: Mapping[str, int],
-                allowed_after_map: set[int] | None) -> list[dict[str, Any]]:
-    """Validate an existing MSD-style folder fully and mirror it into ``out``.
-
-    Images are symlinked; labels are symlinked too, or rewritten when ``label_map``
-    changes their values (e.g. BraTS ``{"4": 3}``). Every image and label is read,
-    so a truncated file, NaNs, a grid mismatch or a label outside the set stops here
-    with the file's name rather than deep inside training.
-    """
-    source = source.resolve()
-    if not source.is_dir():
-        raise InputDataError(source, "dataset folder does not exist")
-    pairs = training_pairs(source)
-    description = read_json(source / "dataset.json")
-    declared_labels = description.get("labels", {})
-    mapping = {int(k): int(v) for k, v in label_map.items()}
-    declared = {int(k) for k in declared_labels}
-    allowed = {mapping.get(v, v) for v in declared} if declared else None
-    if allowed_after_map is not None:
-        allowed = allowed & allowed_after_map if allowed is not None else set(allowed_after_map)
-    (out / "imagesTr").mkdir()
-    (out / "labelsTr").mkdir()
-    cases, training = [], []
-    for case, image_path, label_path in pairs:
-        image, image_affine = load_volume(image_path)
-        label, label_affine = load_volume(label_path)
-        check_same_grid(image_path, image.shape, image_affine, label_path, label.shape, label_affine)
-        mapped = _remap(label, mapping)
-        check_labels(label_path, mapped, allowed if allowed is not None else np.unique(mapped))
-        image_out, label_out = out / "imagesTr" / image_path.name, out / "labelsTr" / label_path.name
-        _link_or_copy(image_path, image_out)
-        if mapping and not np.array_equal(mapped, label):
-            save_volume(label_out, mapped, label_affine, dtype=np.uint8)
-        else:
-            _link_or_copy(label_path, label_out)
-        zooms = nib.load(str(image_path)).header.get_zooms()
-        cases.append(_case_record(out, case, image_out, label_out, image.shape, zooms))
-        training.append({"image": f"./imagesTr/{image_out.name}", "label": f"./labelsTr/{label_out.name}"})
-    mirrored = dict(description)
-    mirrored["labels"] = {str(mapping.get(int(k), int(k))): v for k, v in declared_labels.items()}
-    mirrored["training"], mirrored["numTraining"] = training, len(training)
-    write_json(out / "dataset.json", mirrored)
-    return cases
-
-
-def _remap(label: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
-    """Apply a value mapping simultaneously (so {1: 2, 2: 1} swaps)."""
-    out = label.copy()
-    for old, new in mapping.items():
-        out[label == old] = new
-    return out
-
-
-def _link_or_copy(source: Path, dest: Path) -> None:
-    try:
-        dest.symlink_to(source.resolve())
-    except OSError:
-        shutil.copy2(source, dest)

@@ -126,15 +126,17 @@ def check_same_grid(
         raise InputDataError(label_path, f"label affine differs from image {image_path} affine")
 
 
-def check_labels(path: str | os.PathLike[str], label: np.ndarray, allowed: Iterable[int]) -> None:
-    """Refuse label values outside the task's set, and non-integer labels."""
+def check_labels(
+    path: str | os.PathLike[str], label: np.ndarray, allowed: Iterable[int], what: str = "the task's set"
+) -> None:
+    """Refuse label values outside ``allowed`` (``what`` names that set in the error), and non-integer labels."""
     allowed_set = {int(v) for v in allowed}
     values = np.unique(label)
     if not np.array_equal(values, np.round(values)):
         raise InputDataError(path, "label map holds non-integer values")
     unexpected = sorted(int(v) for v in values if int(v) not in allowed_set)
     if unexpected:
-        raise InputDataError(path, f"label values {unexpected} outside the task's set {sorted(allowed_set)}")
+        raise InputDataError(path, f"label values {unexpected} outside {what} {sorted(allowed_set)}")
 
 
 def save_volume(

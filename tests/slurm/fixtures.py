@@ -112,11 +112,13 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
 
 
 def run_snakemake(
-    args: Sequence[str], cwd: str | os.PathLike[str], env: dict[str, str], timeout: float = 600
+    args: Sequence[str], cwd: str | os.PathLike[str], env: dict[str, str], timeout: float = 600,
+    *, verbatim: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m snakemake *args`` in ``cwd``; on timeout stop it with SIGINT (so it cancels
-    its Slurm jobs), then SIGKILL if it does not exit, and raise ``subprocess.TimeoutExpired``."""
-    cmd = [sys.executable, "-m", "snakemake", *args]
+    """Run ``python -m snakemake *args`` in ``cwd`` (``verbatim``: ``snakemake *args``, as a user types
+    it, found on ``env``'s PATH); on timeout stop it with SIGINT (so it cancels its Slurm jobs),
+    then SIGKILL if it does not exit, and raise ``subprocess.TimeoutExpired``."""
+    cmd = ["snakemake", *args] if verbatim else [sys.executable, "-m", "snakemake", *args]
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -135,7 +137,7 @@ def run_snakemake(
 
 # squeue --Format fields (`name:|` = no padding, "|" after it); comment last, it may hold a "|".
 SQUEUE_FIELDS = {
-    "id": "JobID", "name": "Name", "state": "State", "cpus": "NumCPUs", "memory": "MinMemory",
+    "id": "JobID", "name": "Name", "state": "State", "partition": "Partition", "cpus": "NumCPUs", "memory": "MinMemory",
     "time_limit": "TimeLimit", "tres_per_job": "tres-per-job", "tres_per_node": "tres-per-node", "comment": "Comment",
 }
 

@@ -5,7 +5,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from sar3d import grid, paths
+from sar3d import grid, paths, slurm
 from sar3d.config import SCRATCH, ConfigError, resources_for, validate_config
 
 # sar3d's own check first: it names the offending key in one line (and cross-checks
@@ -16,6 +16,15 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 validate(config, "../schemas/config.schema.yaml")
 R = STUDY["results_dir"]
+
+# A Slurm partition that does not exist fails here, naming the profile key, not in
+# every sbatch call. Only where Snakemake itself runs (jobs re-parse this file) and
+# only where `sinfo` answers; no partition set means the cluster's default one.
+if workflow.is_main_process:
+    try:
+        slurm.check_partitions(slurm.requested_partitions(workflow.resource_settings))
+    except ConfigError as err:
+        raise WorkflowError(str(err)) from None
 
 # One image for every rule (Snakemake's global directive; rules defined after this
 # line inherit it). Only `--software-deployment-method apptainer` uses it, so dry
