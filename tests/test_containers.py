@@ -2,6 +2,7 @@
 
 No Docker daemon or Apptainer is needed: the Dockerfile, the Apptainer definition and
 the conda environment are parsed, and the workflow is loaded to see each rule's image.
+tests/test_container_image.py builds the image and runs it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class Dockerfile:
                 self.stages[-1].append((op, self.expand(rest)))
 
     def expand(self, text: str) -> str:
-        return re.sub(r"\$\{(\w+)\}", lambda m: self.args.get(m.group(1), m.group(0)), text)
+        """ARG defaults substituted, also inside other defaults (BASE_IMAGE names CUDA_VERSION)."""
+        while (expanded := re.sub(r"\$\{(\w+)\}", lambda m: self.args.get(m.group(1), m.group(0)), text)) != text:
+            text = expanded
+        return text
 
     def commands(self, stage: list[tuple[str, str]]) -> list[list[str]]:
         """Each shell command of a stage's RUN instructions, split into words."""
@@ -111,6 +115,8 @@ def test_image_installs_exactly_the_project_and_a_pinned_torch(dockerfile: Docke
 def test_torch_wheel_matches_cuda_base_and_the_makefile_pin(dockerfile: Dockerfile) -> None:
     major, minor, *_ = dockerfile.args["CUDA_VERSION"].split(".")
     assert dockerfile.args["TORCH_CUDA"] == f"cu{major}{minor}"
+    # offline builds override the index (containers/build-local.sh); users get PyTorch's for that CUDA
+    assert dockerfile.expand(dockerfile.args["TORCH_INDEX_URL"]) == f"https://download.pytorch.org/whl/cu{major}{minor}"
     makefile = (REPO / "Makefile").read_text()
     assert f"torch=={dockerfile.args['TORCH_VERSION']}" in makefile
 
