@@ -101,7 +101,9 @@ def test_server_listens_on_loopback_only(server: dict[str, Any]) -> None:
     assert addresses == {"127.0.0.1"}, listening.stdout
 
 
-def test_without_credentials_nothing_is_read_or_written(server: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_credentials_nothing_is_read_or_written(
+    server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = server["url"]
     api = f"{url}/api/2.0/mlflow"
     admin = (USER, server["password"])
