@@ -9,14 +9,14 @@
 #     the Dockerfile takes it as BASE_IMAGE instead of nvidia/cuda.
 #   * torch: the CPU wheel of the same version (TORCH_CUDA=cpu), served to the build from a
 #     local index made with `pip download` (PyTorch's own index is not reachable here).
-# Everything else is the Dockerfile as users build it: same stages, same `pip install /src`.
+# Everything else is the Dockerfile as users build it: same stages, same instructions.
 #
 # Needs root (podman as root, apt-get for missing tools). State lives under
 # $SAR3D_CONTAINER_CACHE (default ~/.cache/sar3d-container): podman's image store, the
 # torch wheels, the pip cache. The store uses the overlay driver (SAR3D_CONTAINER_DRIVER=vfs
 # works on any filesystem, but copies the whole tree for every build step). Podman's own
 # layer cache makes a rebuild after a source change redo only the project's install.
-# containers/podman-local runs podman against that store (tests/test_containers.py uses it).
+# containers/podman-local runs podman against that store (tests/test_container_image.py uses it).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 HERE="$REPO/containers"
@@ -25,7 +25,6 @@ source "$HERE/local-env.sh"
 SUITE="${SAR3D_BASE_SUITE:-bookworm}"
 PYTHON_VERSION="${SAR3D_BASE_PYTHON:-3.11}"   # the python3 of $SUITE: the torch wheel must match it
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
-VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml")"
 TORCH_VERSION="$(sed -n 's/^ARG TORCH_VERSION=//p' "$HERE/Dockerfile")"
 TAG="${1:-$SAR3D_LOCAL_IMAGE}"
 BASE="localhost/sar3d-base:$SUITE"
@@ -69,7 +68,7 @@ if ! podman image exists "$BASE"; then
   # The base trusts what this machine trusts: local CAs (a TLS-inspecting proxy's, say) are
   # copied in, so pip and apt inside the build reach the registries the host reaches.
   mmdebstrap --quiet --variant=minbase --include=ca-certificates --format=tar \
-    --customize-hook='cp -r /usr/local/share/ca-certificates/. "$1/usr/local/share/ca-certificates/"' \
+    --customize-hook='[ ! -d /usr/local/share/ca-certificates ] || cp -r /usr/local/share/ca-certificates/. "$1/usr/local/share/ca-certificates/"' \
     --customize-hook='chroot "$1" update-ca-certificates >/dev/null' \
     "$SUITE" "$tarball.part" http://deb.debian.org/debian
   podman import --quiet "$tarball.part" "$BASE" >/dev/null
@@ -95,8 +94,23 @@ for whl in "$wheels"/*.whl; do
 done
 step "torch $TORCH_VERSION wheel index" "$t"
 
+# Everything the image is made of; an image already built from exactly this is kept as is
+# (podman's layer cache would give the same result, but re-hashes gigabytes to find out).
+digest="$(cd "$REPO" && {
+  podman image inspect --format '{{.Id}}' "$BASE"
+  ls "$wheels"
+  find containers/Dockerfile pyproject.toml README.md src -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
+    | sort -z | xargs -0 sha256sum
+} | sha256sum | cut -d' ' -f1)"
+built="$(podman image inspect --format '{{index .Labels "sar3d.source-digest"}}' "$TAG" 2>/dev/null || true)"
+if [ "$built" = "$digest" ]; then
+  step "image $TAG is current" "$(date +%s)"
+  echo "$TAG"
+  exit 0
+fi
+
 t=$(date +%s)
-podman build --isolation chroot --layers \
+podman build --isolation chroot --layers --label "sar3d.source-digest=$digest" \
   --volume "$index:/torch-index:ro" --volume "$SAR3D_CONTAINER_CACHE/pip:/root/.cache/pip" \
   --build-arg "BASE_IMAGE=$BASE" --build-arg TORCH_CUDA=cpu --build-arg TORCH_INDEX_URL=file:///torch-index \
   -f "$HERE/Dockerfile" -t "$TAG" "$REPO" >&2

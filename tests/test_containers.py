@@ -77,7 +77,7 @@ class Dockerfile:
         out = []
         for stage in self.stages:
             for words in self.commands(stage):
-                if words[:2] != ["pip", "install"]:
+                if len(words) < 2 or Path(words[0]).name != "pip" or words[1] != "install":
                     continue
                 skip_next = False
                 for word in words[2:]:
@@ -97,10 +97,18 @@ def dockerfile() -> Dockerfile:
 
 def test_image_installs_exactly_the_project_and_a_pinned_torch(dockerfile: Dockerfile) -> None:
     installs = dockerfile.pip_installs()
-    assert "/src" in installs, "the project itself must be installed (its dependencies come from pyproject)"
+    runs = " ".join(rest for stage in dockerfile.stages for op, rest in stage if op == "RUN")
     copied = " ".join(rest for stage in dockerfile.stages for op, rest in stage if op == "COPY")
     assert "pyproject.toml" in copied and "src" in copied
-    pinned = _requirements([s for s in installs if s != "/src"])
+    # the dependencies are pyproject's own list, and nothing else is installed unpinned
+    assert re.search(r"tomllib\.load\(open\('/src/pyproject\.toml'.*\['project'\]\['dependencies'\]", runs)
+    assert "pip install -r /src/requirements.txt" in runs
+    # the project itself: its wheel, built from the copied source, then checked against them
+    assert re.search(r"pip wheel .*--no-deps --wheel-dir /wheels /src\b", runs)
+    wheels = [s for s in installs if s.endswith("/sar3d-*.whl")]
+    assert wheels, "the project itself must be installed (its dependencies come from pyproject)"
+    assert "pip check" in runs
+    pinned = _requirements([s for s in installs if s not in wheels])
     extra = set(pinned) - TOOLS - {"torch"}
     assert not extra, f"the Dockerfile installs packages outside pyproject.toml: {sorted(extra)}"
     torch = pinned["torch"]
