@@ -109,10 +109,17 @@ if [ "$built" = "$digest" ]; then
   exit 0
 fi
 
+build() {
+  podman build --isolation chroot --layers \
+    --volume "$index:/torch-index:ro" --volume "$SAR3D_CONTAINER_CACHE/pip:/root/.cache/pip" \
+    --build-arg "BASE_IMAGE=$BASE" --build-arg TORCH_CUDA=cpu --build-arg TORCH_INDEX_URL=file:///torch-index \
+    -f "$HERE/Dockerfile" "$@" "$REPO" >&2
+}
 t=$(date +%s)
-podman build --isolation chroot --layers --label "sar3d.source-digest=$digest" \
-  --volume "$index:/torch-index:ro" --volume "$SAR3D_CONTAINER_CACHE/pip:/root/.cache/pip" \
-  --build-arg "BASE_IMAGE=$BASE" --build-arg TORCH_CUDA=cpu --build-arg TORCH_INDEX_URL=file:///torch-index \
-  -f "$HERE/Dockerfile" -t "$TAG" "$REPO" >&2
+# The dependencies stage gets a tag of its own, so that pruning what older builds left
+# (gigabytes per pyproject.toml change) keeps the layers the next build reuses.
+build --target deps -t "$SAR3D_LOCAL_IMAGE-deps"
+build --label "sar3d.source-digest=$digest" -t "$TAG"
+podman image prune -f >/dev/null
 step "podman build $TAG" "$t"
 echo "$TAG"
