@@ -99,7 +99,8 @@ step "torch $TORCH_VERSION wheel index" "$t"
 digest="$(cd "$REPO" && {
   podman image inspect --format '{{.Id}}' "$BASE"
   ls "$wheels"
-  find containers/Dockerfile pyproject.toml README.md src -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
+  find containers/Dockerfile pyproject.toml README.md src -type f ! -path '*/__pycache__/*' ! -name '*.pyc' \
+    ! -path '*.egg-info/*' -print0 \
     | sort -z | xargs -0 sha256sum
 } | sha256sum | cut -d' ' -f1)"
 built="$(podman image inspect --format '{{index .Labels "sar3d.source-digest"}}' "$TAG" 2>/dev/null || true)"
