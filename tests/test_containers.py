@@ -2,6 +2,7 @@
 
 No Docker daemon or Apptainer is needed: the Dockerfile, the Apptainer definition and
 the conda environment are parsed, and the workflow is loaded to see each rule's image.
+tests/test_container_image.py builds the image and runs it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class Dockerfile:
                 self.stages[-1].append((op, self.expand(rest)))
 
     def expand(self, text: str) -> str:
-        return re.sub(r"\$\{(\w+)\}", lambda m: self.args.get(m.group(1), m.group(0)), text)
+        """ARG defaults substituted, also inside other defaults (BASE_IMAGE names CUDA_VERSION)."""
+        while (expanded := re.sub(r"\$\{(\w+)\}", lambda m: self.args.get(m.group(1), m.group(0)), text)) != text:
+            text = expanded
+        return text
 
     def commands(self, stage: list[tuple[str, str]]) -> list[list[str]]:
         """Each shell command of a stage's RUN instructions, split into words."""
@@ -73,7 +77,7 @@ class Dockerfile:
         out = []
         for stage in self.stages:
             for words in self.commands(stage):
-                if words[:2] != ["pip", "install"]:
+                if len(words) < 2 or Path(words[0]).name != "pip" or words[1] != "install":
                     continue
                 skip_next = False
                 for word in words[2:]:
@@ -93,10 +97,18 @@ def dockerfile() -> Dockerfile:
 
 def test_image_installs_exactly_the_project_and_a_pinned_torch(dockerfile: Dockerfile) -> None:
     installs = dockerfile.pip_installs()
-    assert "/src" in installs, "the project itself must be installed (its dependencies come from pyproject)"
+    runs = " ".join(rest for stage in dockerfile.stages for op, rest in stage if op == "RUN")
     copied = " ".join(rest for stage in dockerfile.stages for op, rest in stage if op == "COPY")
     assert "pyproject.toml" in copied and "src" in copied
-    pinned = _requirements([s for s in installs if s != "/src"])
+    # the dependencies are pyproject's own list, and nothing else is installed unpinned
+    assert re.search(r"tomllib\.load\(open\('/src/pyproject\.toml'.*\['project'\]\['dependencies'\]", runs)
+    assert "pip install -r /src/requirements.txt" in runs
+    # the project itself: its wheel, built from the copied source, then checked against them
+    assert re.search(r"pip wheel .*--no-deps --wheel-dir /wheels /src\b", runs)
+    wheels = [s for s in installs if s.endswith("/sar3d-*.whl")]
+    assert wheels, "the project itself must be installed (its dependencies come from pyproject)"
+    assert "pip check" in runs
+    pinned = _requirements([s for s in installs if s not in wheels])
     extra = set(pinned) - TOOLS - {"torch"}
     assert not extra, f"the Dockerfile installs packages outside pyproject.toml: {sorted(extra)}"
     torch = pinned["torch"]
@@ -111,6 +123,8 @@ def test_image_installs_exactly_the_project_and_a_pinned_torch(dockerfile: Docke
 def test_torch_wheel_matches_cuda_base_and_the_makefile_pin(dockerfile: Dockerfile) -> None:
     major, minor, *_ = dockerfile.args["CUDA_VERSION"].split(".")
     assert dockerfile.args["TORCH_CUDA"] == f"cu{major}{minor}"
+    # offline builds override the index (containers/build-local.sh); users get PyTorch's for that CUDA
+    assert dockerfile.expand(dockerfile.args["TORCH_INDEX_URL"]) == f"https://download.pytorch.org/whl/cu{major}{minor}"
     makefile = (REPO / "Makefile").read_text()
     assert f"torch=={dockerfile.args['TORCH_VERSION']}" in makefile
 

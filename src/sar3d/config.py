@@ -11,6 +11,7 @@ import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -81,6 +82,12 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cross_check(config: dict[str, Any]) -> None:
+    if urlsplit(config["tracking"]["uri"] or "").username is not None:
+        # the resolved config is logged as MLflow parameters and copied into results/
+        raise ConfigError(
+            "config key 'tracking.uri': holds credentials; give them in the environment instead "
+            "(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), never in the config"
+        )
     datasets = config["datasets"]
     for name in config["pretrain"]["datasets"]:
         if name not in datasets:
