@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from sar3d import engine
 from sar3d.config import load_config
+from sar3d.cubes import scale_index
 from sar3d.loader import make_pretrain_loader, open_cube_store
 from sar3d.networks import UNet3D
 from sar3d.pretrain import (
@@ -154,7 +155,7 @@ def test_method_registry_matches_config_and_paper():
     assert (METHODS["sa"].scale_loss, METHODS["sa"].adversarial) == (True, False)
     assert (METHODS["mial"].scale_loss, METHODS["mial"].adversarial) == (False, True)
     assert (METHODS["sar"].scale_loss, METHODS["sar"].adversarial, METHODS["sar"].scales) == (True, True, None)
-    assert [METHODS[f"sar_s{k}"].scales for k in (2, 4, 8)] == [(0,), (1,), (2,)]  # meta.csv: 0 = 1/2 ... 2 = 1/8
+    assert [METHODS[f"sar_s{k}"].scales for k in (2, 4, 8)] == [(0.5,), (0.25,), (0.125,)]  # of the volume side
     with pytest.raises(ValueError, match="unknown pre-training method"):
         method_spec("rotation")
 
@@ -199,10 +200,11 @@ def test_each_ablation_runs_a_step(shared, method):
     models = build_models(config, spec, device)
     assert (models.scale_head is not None) == spec.scale_loss
     assert (models.discriminator is not None) == spec.adversarial
-    store = open_cube_store(shared["dirs"], "train", list(spec.scales) if spec.scales else None)
+    labels = [scale_index(config["cubes"]["scales"], f) for f in spec.scales] if spec.scales else None
+    store = open_cube_store(shared["dirs"], "train", labels)
     batch = next(iter(make_pretrain_loader(store, 4, 0, 0, 1)))
-    if spec.scales:
-        assert set(batch["scale"].tolist()) == set(spec.scales)
+    if labels:
+        assert set(batch["scale"].tolist()) == set(labels)
     transform = GenesisTransform(GenesisConfig.from_config(config["pretrain"]["transforms"]))
     tensors = corrupt_batch(transform, batch, torch_generator(0, method), device)
     before = {k: v.clone() for k, v in models.unet.state_dict().items()}

@@ -21,23 +21,31 @@ head would learn nothing, so it is not built.
 One training step is the two-player game of eq. (3)-(4):
 
 1. *Discriminator step.* The encoder's four feature maps, detached, go through
-   the MIAL discriminator M; ``L_disc = BCE-with-logits(M(E(x̂)), modality)``
-   (positive = MRI) updates M only (SGD, lr 1e-3).
+   the MIAL discriminator M; ``L_disc = BCE-with-logits(M(E(x_a)), modality)``
+   (positive = MRI) updates M only (SGD or Adam, fixed lr 1e-3).
 2. *Generator step.* ``w_res·L_res + w_scale·L_scale + w_adv·L_adv_enc`` updates
-   the U-Net and the scale head (SGD, lr 1.0 and 0.1), where
-   ``L_res = MSE(U-Net(x̂), x)``, ``L_scale = CE(S(E(x̂)_deepest), scale)`` and
-   ``L_adv_enc = BCE-with-logits(M(E(x̂)), 1 - modality)``: the encoder is
+   the U-Net and the scale head (SGD), where ``L_res = MSE(U-Net(x̂), x)``,
+   ``L_scale = CE(S(E(x_a)_deepest), scale)`` and
+   ``L_adv_enc = BCE-with-logits(M(E(x_a)), 1 - modality)``: the encoder is
    trained to make M call CT "MRI" and MRI "CT". This flipped-label form is the
    usual non-saturating replacement for minimising ``-L_disc`` (GANs, ADDA): it
    has the same fixed point (M at chance) but does not vanish when M is
    confident, which is exactly when the encoder needs a gradient. M's weights
    are frozen during this step, so only the encoder learns from it.
 
-The validation loss scheduled on (``ReduceLROnPlateau``) and early-stopped on is
-the generator objective ``w_res·L_res + w_scale·L_scale + w_adv·L_adv_enc`` on the
-val split, with corruption and batches drawn from a generator re-seeded each
-epoch, so every epoch is scored on the same inputs. ``out`` receives the U-Net
-weights of the best validation epoch.
+``x_a``, what the auxiliary heads see, is the clean cube x by default
+(``pretrain.aux_view: clean``) and the corrupted x̂ with ``corrupted`` (the
+paper's wording): out-painting noise hides scale and modality (docs/deviations.md).
+
+Model selection: the U-Net's ``ReduceLROnPlateau``, early stopping and the best
+checkpoint follow the validation ``objective`` = ``w_res·L_res + w_scale·L_scale``,
+the self-supervised objective without the adversarial term (for Genesis: the
+weighted restoration alone), so GAN dynamics never choose the checkpoint. The
+adversarial terms, M's accuracy and the encoder's confusion are logged apart
+every epoch. Validation batches and their corruption come from a generator
+re-seeded each epoch (the same inputs every epoch) and are normalised with
+their own batch statistics (:func:`sar3d.networks.batch_statistics`). ``out``
+receives the U-Net weights of the best validation epoch.
 """
 
 from __future__ import annotations
@@ -58,8 +66,8 @@ from sar3d.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-# meta.csv scale index: 0 = 1/2 of the volume side, 1 = 1/4, 2 = 1/8
-SCALE_INDEX = {"s2": 0, "s4": 1, "s8": 2}
+# single-scale ablations: the fraction of the volume side their cubes are cut at
+SINGLE_SCALE_FRACTION = {"s2": 0.5, "s4": 0.25, "s8": 0.125}
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ class MethodSpec:
     name: str
     scale_loss: bool
     adversarial: bool
-    scales: tuple[int, ...] | None = None  # None = every scale in the cube shards
+    scales: tuple[float, ...] | None = None  # fractions of the volume side; None = every scale in the shards
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -78,8 +86,8 @@ METHODS: dict[str, MethodSpec] = {
     "mial": MethodSpec("mial", scale_loss=False, adversarial=True),
     "sar": MethodSpec("sar", scale_loss=True, adversarial=True),
     **{
-        f"sar_{tag}": MethodSpec(f"sar_{tag}", scale_loss=False, adversarial=True, scales=(index,))
-        for tag, index in SCALE_INDEX.items()
+        f"sar_{tag}": MethodSpec(f"sar_{tag}", scale_loss=False, adversarial=True, scales=(fraction,))
+        for tag, fraction in SINGLE_SCALE_FRACTION.items()
     },
 }
 
@@ -128,7 +136,10 @@ def build_models(config: dict[str, Any], spec: MethodSpec, device: torch.device)
 
 
 def build_optimizers(config: dict[str, Any], models: PretrainModels) -> dict[str, torch.optim.Optimizer]:
-    """SGD with momentum: U-Net and scale head together (one generator step), the discriminator apart."""
+    """SGD with momentum: U-Net and scale head together (one generator step); the discriminator apart.
+
+    The discriminator uses SGD (the paper) or Adam (``pretrain.optimizer.discriminator``).
+    """
     opt_cfg = config["pretrain"]["optimizer"]
     lr, momentum = opt_cfg["lr"], opt_cfg["momentum"]
     groups = [{"params": list(models.unet.parameters()), "lr": lr["unet"], "name": "unet"}]
@@ -136,10 +147,12 @@ def build_optimizers(config: dict[str, Any], models: PretrainModels) -> dict[str
         groups.append({"params": list(models.scale_head.parameters()), "lr": lr["scale_head"], "name": "scale_head"})
     optimizers = {"main": torch.optim.SGD(groups, lr=lr["unet"], momentum=momentum)}
     if models.discriminator is not None:
-        optimizers["discriminator"] = torch.optim.SGD(
-            [{"params": list(models.discriminator.parameters()), "lr": lr["discriminator"], "name": "discriminator"}],
-            lr=lr["discriminator"], momentum=momentum,
-        )
+        params = list(models.discriminator.parameters())
+        group = [{"params": params, "lr": lr["discriminator"], "name": "discriminator"}]
+        if opt_cfg["discriminator"] == "adam":
+            optimizers["discriminator"] = torch.optim.Adam(group, lr=lr["discriminator"])
+        else:
+            optimizers["discriminator"] = torch.optim.SGD(group, lr=lr["discriminator"], momentum=momentum)
     return optimizers
 
 
@@ -156,10 +169,18 @@ class GeneratorNet(nn.Module):
         self.unet = unet
         self.scale_head = scale_head
 
-    def forward(self, x_hat: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x_hat: torch.Tensor, x_aux: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """Restoration of ``x_hat``; the auxiliary heads' features come from ``x_aux`` when given.
+
+        Returns ``(auxiliary features, restoration, scale logits)``: the features
+        the scale head and the discriminator see (those of ``x_aux``, else of ``x_hat``).
+        """
         feats = self.unet.encode(x_hat)
-        logits = self.scale_head(feats[-1]) if self.scale_head is not None else None
-        return feats, self.unet.decode(feats), logits
+        aux = feats if x_aux is None else self.unet.encode(x_aux)
+        logits = self.scale_head(aux[-1]) if self.scale_head is not None else None
+        return aux, self.unet.decode(feats), logits
 
 
 @dataclass
@@ -173,6 +194,7 @@ class StepContext:
     spec: MethodSpec
     weights: dict[str, float]
     device: torch.device
+    aux_view: str = "clean"  # what the scale head and discriminator see: "clean" x or "corrupted" x̂
     amp: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     generator_net: nn.Module | None = None
@@ -181,6 +203,11 @@ class StepContext:
     def nets(self, models: PretrainModels) -> tuple[nn.Module, nn.Module | None]:
         gen = self.generator_net or GeneratorNet(models.unet, models.scale_head)
         return gen, self.discriminator_net or models.discriminator
+
+    def aux_input(self, models: PretrainModels, target: torch.Tensor) -> torch.Tensor | None:
+        """The clean cube for the auxiliary heads, or None when they see the corrupted input (or don't exist)."""
+        has_aux = models.scale_head is not None or models.discriminator is not None
+        return target if has_aux and self.aux_view == "clean" else None
 
 
 def _disc_terms(
@@ -203,15 +230,19 @@ def generator_losses(
     """
     w = ctx.weights
     terms: dict[str, torch.Tensor] = {"loss_res": F.mse_loss(out.float(), target.float())}
-    total = w["restoration"] * terms["loss_res"]
+    objective = w["restoration"] * terms["loss_res"]
     if scale_logits is not None:
         logits = scale_logits.float()
         terms["loss_scale"] = F.cross_entropy(logits, scale)
         terms["acc_scale"] = (logits.argmax(dim=1) == scale).float().mean()
-        total = total + w["scale"] * terms["loss_scale"]
+        objective = objective + w["scale"] * terms["loss_scale"]
+    total = objective
     if models.discriminator is not None:
-        terms["loss_adv_enc"], _ = _disc_terms(models.discriminator, feats, modality, flip=True)
+        terms["loss_adv_enc"], logits_m = _disc_terms(models.discriminator, feats, modality, flip=True)
+        # the encoder's confusion: how often M calls a cube's modality wrong
+        terms["confusion"] = ((logits_m.detach() > 0).long() != modality).float().mean()
         total = total + w["adversarial"] * terms["loss_adv_enc"]
+    terms["objective"] = objective
     terms["loss_total"] = total
     return total, {k: v.detach() for k, v in terms.items()}
 
@@ -229,7 +260,7 @@ def train_step(
     gen_net, disc_net = ctx.nets(models)
     metrics: dict[str, torch.Tensor] = {}
     with engine.autocast(ctx.device, ctx.amp):
-        feats, out, scale_logits = gen_net(x_hat)
+        feats, out, scale_logits = gen_net(x_hat, ctx.aux_input(models, target))
     disc = models.discriminator
     if disc is not None and disc_net is not None:
         opt = optimizers["discriminator"]
@@ -263,7 +294,7 @@ def eval_step(
 ) -> dict[str, torch.Tensor]:
     """Every term of :func:`train_step` without updating anything."""
     with engine.autocast(ctx.device, ctx.amp):
-        feats, out, scale_logits = GeneratorNet(models.unet, models.scale_head)(x_hat)
+        feats, out, scale_logits = GeneratorNet(models.unet, models.scale_head)(x_hat, ctx.aux_input(models, target))
         _, terms = generator_losses(models, ctx, feats, out, scale_logits, target, scale, modality)
         metrics = dict(terms)
         if models.discriminator is not None:
@@ -351,8 +382,9 @@ class _NullRun:
 
 def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out: Path, checkpoint: Path) -> None:
     """Pre-train one method on the cube shards; write the best U-Net state dict and the full checkpoint."""
+    from sar3d.cubes import scale_index
     from sar3d.loader import open_cube_store
-    from sar3d.networks import count_parameters
+    from sar3d.networks import batch_statistics, count_parameters
     from sar3d.tracking import tracked_run
     from sar3d.transforms import GenesisConfig, GenesisTransform
 
@@ -366,7 +398,9 @@ def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out
         engine.keep_freed_memory()
     in_loader = resolve_transform_device(pcfg.get("transform_device", "auto"), device).type == "cpu"
     amp = engine.resolve_precision(pcfg["precision"], device)
-    scales = list(spec.scales) if spec.scales is not None else None
+    scales = None
+    if spec.scales is not None:  # labels are positions in cubes.scales, never hard-coded
+        scales = [scale_index(config["cubes"]["scales"], fraction) for fraction in spec.scales]
     dirs = [Path(d) for d in cube_dirs]
     train_store = open_cube_store(dirs, "train", scales)
     val_store = open_cube_store(dirs, "val", scales)
@@ -379,15 +413,15 @@ def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out
 
     models = build_models(config, spec, device)
     optimizers = build_optimizers(config, models)
+    # the U-Net and scale head follow the plateau of the objective; the discriminator keeps its lr
     schedulers = {
-        k: torch.optim.lr_scheduler.ReduceLROnPlateau(
-            o, mode="min", factor=pcfg["plateau"]["factor"], patience=pcfg["plateau"]["patience"]
+        "main": torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizers["main"], mode="min", factor=pcfg["plateau"]["factor"], patience=pcfg["plateau"]["patience"]
         )
-        for k, o in optimizers.items()
     }
     scaler = engine.make_grad_scaler(device, amp)
     ctx = StepContext(
-        spec, dict(pcfg["loss_weights"]), device, amp, scaler,
+        spec, dict(pcfg["loss_weights"]), device, pcfg["aux_view"], amp, scaler,
         generator_net=engine.wrap_ddp(GeneratorNet(models.unet, models.scale_head), dist, device),
         discriminator_net=(engine.wrap_ddp(models.discriminator, dist, device)
                            if models.discriminator is not None else None),
@@ -420,10 +454,11 @@ def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out
 
     def validate(epoch: int) -> tuple[dict[str, float], float]:
         meter = engine.EpochMeter()
-        for tensors in batches("val", 0, pcfg["val_steps"], 0):  # the same inputs every epoch
-            meter.update(eval_step(models, ctx, *tensors))
+        with batch_statistics(*models.as_dict().values()):
+            for tensors in batches("val", 0, pcfg["val_steps"], 0):  # the same inputs every epoch
+                meter.update(eval_step(models, ctx, *tensors))
         metrics = meter.means()
-        return metrics, metrics["loss_total"]
+        return metrics, metrics["objective"]
 
     identity = {"method": method}
     tracked = tracked_run(config, "pretrain", identity) if dist.is_main else contextlib.nullcontext(_NullRun())
