@@ -42,7 +42,7 @@ def run_variant(name: str, overrides: dict[str, Any], cubes: list[Path], epochs:
     models = pretrain.build_models(config, spec, device)
     optimizers = pretrain.build_optimizers(config, models)
     pcfg = config["pretrain"]
-    ctx = pretrain.StepContext(spec, dict(pcfg["loss_weights"]), device, pcfg["aux_view"])
+    ctx = pretrain.StepContext(spec, dict(pcfg["loss_weights"]), device, aux_view=pcfg["aux_view"])
     transform = GenesisTransform(GenesisConfig.from_config(pcfg["transforms"]))
     store = open_cube_store(cubes, "train")
     rows = []

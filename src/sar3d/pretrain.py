@@ -194,11 +194,11 @@ class StepContext:
     spec: MethodSpec
     weights: dict[str, float]
     device: torch.device
-    aux_view: str = "clean"  # what the scale head and discriminator see: "clean" x or "corrupted" x̂
     amp: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     generator_net: nn.Module | None = None
     discriminator_net: nn.Module | None = None
+    aux_view: str = "clean"  # what the scale head and discriminator see: "clean" x or "corrupted" x̂
 
     def nets(self, models: PretrainModels) -> tuple[nn.Module, nn.Module | None]:
         gen = self.generator_net or GeneratorNet(models.unet, models.scale_head)
@@ -421,7 +421,7 @@ def run_pretrain(config: dict[str, Any], method: str, cube_dirs: list[Path], out
     }
     scaler = engine.make_grad_scaler(device, amp)
     ctx = StepContext(
-        spec, dict(pcfg["loss_weights"]), device, pcfg["aux_view"], amp, scaler,
+        spec, dict(pcfg["loss_weights"]), device, amp, scaler, aux_view=pcfg["aux_view"],
         generator_net=engine.wrap_ddp(GeneratorNet(models.unet, models.scale_head), dist, device),
         discriminator_net=(engine.wrap_ddp(models.discriminator, dist, device)
                            if models.discriminator is not None else None),
