@@ -76,7 +76,7 @@ def _cross_check(config: dict[str, Any]) -> None:
     from sar3d.pretraining.registry import SCRATCH, validate_blocks
 
     validate_blocks(config)
-    for key in ("inits", "ablation_inits"):
+    for key in ("inits", "full_label_inits", "ablation_inits"):
         for init in config["finetune"][key]:
             if init != SCRATCH and init not in config["pretrain"]["methods"]:
                 raise ConfigError(

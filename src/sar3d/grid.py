@@ -5,6 +5,8 @@ The paper does not cross everything with everything, and neither does the study:
 * ``finetune.inits`` (scratch, Genesis, SAR, ...) run on every task at every
   ``finetune.label_ratios`` entry: Table 2 reads label ratio 1, Table 4 and its
   figure read every ratio, the loss-curve and qualitative figures ratio 1.
+* ``finetune.full_label_inits`` run on every task at label ratio 1 only: rows
+  of Table 2 and the loss-curve figure, not of Table 4.
 * ``finetune.ablation_inits`` (the single-scale SAR variants of Table 3) run only
   on the tasks with ``size_buckets_mm3`` (the brain task) and only at label
   ratio 1, next to the reference init of ``report.reference``.
@@ -51,12 +53,14 @@ def ratio_tags(config: Mapping[str, Any]) -> list[str]:
 
 def all_inits(config: Mapping[str, Any]) -> list[str]:
     """Every initialisation the study fine-tunes from, main grid first."""
-    return list(dict.fromkeys([*config["finetune"]["inits"], *config["finetune"]["ablation_inits"]]))
+    ft = config["finetune"]
+    return list(dict.fromkeys([*ft["inits"], *ft["full_label_inits"], *ft["ablation_inits"]]))
 
 
 def table2_inits(config: Mapping[str, Any]) -> list[str]:
-    """Rows of Table 2: the main inits (not the scale ablations), in the paper's order."""
-    return table_order(config, [i for i in config["finetune"]["inits"] if describe(config, i).role == MAIN])
+    """Rows of Table 2: the main inits at label ratio 1 (not the scale ablations), in the paper's order."""
+    inits = [*config["finetune"]["inits"], *config["finetune"]["full_label_inits"]]
+    return table_order(config, [i for i in inits if describe(config, i).role == MAIN])
 
 
 def table3_inits(config: Mapping[str, Any]) -> list[str]:
@@ -78,6 +82,7 @@ def finetune_jobs(
 ) -> list[FinetuneJob]:
     """The study's jobs, optionally only those of some tasks / inits / ratio tags (sorted, unique)."""
     main = [(init, tag) for init in config["finetune"]["inits"] for tag in ratio_tags(config)]
+    main += [(init, FULL_LABELS) for init in config["finetune"]["full_label_inits"]]
     ablation = [(init, FULL_LABELS) for init in config["finetune"]["ablation_inits"]]
     bucketed = bucketed_tasks(config)
     jobs = set()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import jsonschema
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -44,3 +48,18 @@ def fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -
         for name, value in instance.items():
             if name not in props:
                 fill_defaults(value, extra, root)
+
+
+def dataclass_from(cls: type[T], section: Mapping[str, Any], key: str) -> T:
+    """``cls(**section)``: missing fields keep their defaults, an unknown key is a :class:`ConfigError`.
+
+    Args:
+        cls: a dataclass whose fields are the section's keys.
+        section: the config section (e.g. ``pretrain.transforms`` or a method block's sub-mapping).
+        key: the section's dotted config key, named in the error.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise ConfigError(f"config key '{key}': unknown key(s) {unknown}; known: {sorted(names)}")
+    return cls(**{k: section[k] for k in names if k in section})

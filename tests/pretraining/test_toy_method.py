@@ -38,22 +38,30 @@ from sar3d.reporting.report import run_report
 
 
 class HalvesNet(nn.Module):
-    """Encoder features of both halves -> is the pair swapped? One module, so DDP would sync it all."""
+    """Encoder features of both halves -> is the pair swapped? Only what runs, so DDP can wrap it."""
 
-    def __init__(self, unet: nn.Module, head: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
         super().__init__()
-        self.unet, self.head = unet, head
+        self.encoder, self.head = encoder, head
 
     def forward(self, halves: torch.Tensor) -> torch.Tensor:  # (B, 2, 1, X/2, Y, Z)
         b = halves.shape[0]
-        deepest = self.unet.encode(halves.flatten(0, 1))[-1]
+        deepest = self.encoder(halves.flatten(0, 1))[-1]
         pooled = F.adaptive_avg_pool3d(deepest, 1).flatten(1).reshape(b, -1)
         return self.head(pooled)
 
 
+class OrderHead(nn.Sequential):
+    """Two layers on the pooled features of both halves; counts the epochs it was told of (a buffer)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__(nn.Linear(2 * channels, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        self.register_buffer("epochs_started", torch.zeros((), dtype=torch.int64))
+
+
 @registry.register
 class ToyHalves(PretrainMethod):
-    """Is a cube's pair of halves in order? Multi-view, Adam, encoder-only."""
+    """Is a cube's pair of halves in order? Multi-view, Adam, encoder-only, an epoch hook."""
 
     kind = "toy_halves"
     display = "Toy halves"
@@ -64,12 +72,14 @@ class ToyHalves(PretrainMethod):
     }
 
     def build_heads(self) -> dict[str, Callable[[], nn.Module]]:
-        deepest = self.unet.encoder_channels[-1]
-        return {"order_head": lambda: nn.Sequential(
-            nn.Linear(2 * deepest, self.block["hidden"]), nn.ReLU(), nn.Linear(self.block["hidden"], 2))}
+        return {"order_head": lambda: OrderHead(self.unet.encoder_channels[-1], self.block["hidden"])}
 
     def network(self) -> nn.Module:
-        return HalvesNet(self.unet, self.heads["order_head"])
+        return HalvesNet(self.unet.encoder(), self.heads["order_head"])
+
+    def on_epoch_start(self, epoch: int, train_store: Any) -> None:
+        assert len(train_store) > 0
+        self.heads["order_head"].epochs_started.fill_(epoch + 1)
 
     def param_groups(self) -> list[dict[str, Any]]:
         lr = self.optimizer_settings()["lr"]
@@ -166,6 +176,8 @@ def test_toy_pretrains_exports_its_encoder_and_finetunes_with_a_fresh_decoder(st
     history = torch.load(ckpt, weights_only=True)["history"]
     assert len(history) == config["pretrain"]["epochs"]
     assert {"train/loss_order", "val/objective", "lr/unet", "lr/order_head"} <= set(history[0])
+    full = torch.load(ckpt, weights_only=True)
+    assert int(full["models"]["order_head"]["epochs_started"]) == config["pretrain"]["epochs"]  # hook, saved
     state = torch.load(out, weights_only=True)
     assert state and all(k.startswith(ENCODER_PREFIXES) for k in state)  # encoder only
 

@@ -17,7 +17,7 @@ rule finetune:
         pretrained=pretrained_input,
         tracking=TRACKING,
     params:
-        finetune=settings("finetune", "inits", "ablation_inits", "label_ratios", "device"),
+        finetune=settings("finetune", "inits", "full_label_inits", "ablation_inits", "label_ratios", "device"),
         width=STUDY["pretrain"]["width"],
         seed=SEED,
         pretrained=lambda wc, input: f"--pretrained {input.pretrained}" if input.pretrained else "",

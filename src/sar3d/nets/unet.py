@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ENCODER_PREFIXES", "UNet3D", "batch_statistics"]
+__all__ = ["ENCODER_PREFIXES", "Encoder", "UNet3D", "batch_statistics"]
 
 # state-dict prefixes of the encoder (what an encoder-only method exports to fine-tuning)
 ENCODER_PREFIXES = ("down_tr64.", "down_tr128.", "down_tr256.", "down_tr512.")
@@ -143,6 +143,28 @@ class UNet3D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
+
+    def encoder(self) -> Encoder:
+        """The encoder alone, sharing this U-Net's modules (see :class:`Encoder`)."""
+        return Encoder(self)
+
+
+class Encoder(nn.Module):
+    """A U-Net's four encoder levels as a module of their own (the same parameters, not a copy).
+
+    Why: DDP requires every parameter of the module it wraps to get a gradient in
+    each step; a pretext task that never decodes wraps this instead of the U-Net.
+    """
+
+    def __init__(self, unet: UNet3D) -> None:
+        super().__init__()
+        self.down_tr64, self.down_tr128 = unet.down_tr64, unet.down_tr128
+        self.down_tr256, self.down_tr512 = unet.down_tr256, unet.down_tr512
+        self.encoder_channels = unet.encoder_channels
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """The four encoder outputs, as :meth:`UNet3D.encode`."""
+        return UNet3D.encode(self, x)  # type: ignore[arg-type] - the same attributes
 
 
 @contextlib.contextmanager

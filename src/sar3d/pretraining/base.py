@@ -225,6 +225,16 @@ class PretrainMethod:
 
     # ------------------------------------------------------------------ data
 
+    def on_epoch_start(self, epoch: int, train_store: Any) -> None:
+        """Called by the run loop before each training epoch (also the first after a resume).
+
+        For work over the whole training set between steps (e.g. clustering region
+        embeddings). Keep what it computes in buffers of a module in :attr:`modules`
+        (checkpointed and restored with them) and make it a function of the weights,
+        the store and seeded generators only, so a resumed job repeats it exactly.
+        By default nothing.
+        """
+
     def cube_scales(self) -> list[int] | None:
         """Scale labels of the cubes the method trains on (positions in ``cubes.scales``); None = all."""
         return None

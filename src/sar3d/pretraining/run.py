@@ -165,6 +165,7 @@ def run_pretrain(config: dict[str, Any], job: PretrainJob) -> None:
 
     def train_epoch(epoch: int) -> tuple[dict[str, float], dict[str, float]]:
         steps = settings["steps_per_epoch"]
+        method.on_epoch_start(epoch, stores.train)
         stream = source.epoch("train", epoch, steps, settings["num_workers"])
         meter = trainer.train_steps(stream, steps, f"{job.method} {epoch}")
         distributed.sync_buffers(method.modules.values(), dist)

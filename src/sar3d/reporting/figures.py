@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from sar3d import paths
+from sar3d.grid import table2_inits
 from sar3d.io import atomic_output, load_volume, read_json
 from sar3d.pretraining.registry import display_name
 
@@ -86,15 +87,16 @@ def plot_loss_curves(config: Mapping[str, Any], task: str, outs: Sequence[Path])
     plt = _pyplot()
     history = loss_histories(config, task)
     fig, axes = plt.subplots(1, len(LOSS_METRICS), figsize=(5 * len(LOSS_METRICS), 3.6), squeeze=False)
-    absent = [i for i in config["finetune"]["inits"] if i not in set(history["init"])]
+    inits = table2_inits(config)  # every init at label ratio 1, in the tables' order
+    absent = [i for i in inits if i not in set(history["init"])]
     for ax, (metric, label) in zip(axes[0], LOSS_METRICS, strict=True):
-        for init in config["finetune"]["inits"]:
+        for init in inits:
             sub = history[(history["init"] == init) & (history["metric"] == metric)]
             if sub.empty:
                 continue
             stats = sub.groupby("epoch")["value"].agg(["mean", "std", "count"])
-            label = f"{display_name(config, init)} (n={sub['fold'].nunique()})"
-            line = ax.plot(stats.index + 1, stats["mean"], label=label)
+            legend = f"{display_name(config, init)} (n={sub['fold'].nunique()})"
+            line = ax.plot(stats.index + 1, stats["mean"], label=legend)
             ax.fill_between(stats.index + 1, stats["mean"] - stats["std"].fillna(0),
                             stats["mean"] + stats["std"].fillna(0), color=line[0].get_color(), alpha=0.15)
         ax.set(xlabel="epoch", ylabel="Dice loss", title=f"{task}: {label} loss")

@@ -56,7 +56,9 @@ def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # settings that change how fast a job runs or which other jobs exist, never what it computes
-NOT_FINGERPRINTED = frozenset({"device", "num_workers", "methods", "inits", "ablation_inits", "label_ratios"})
+NOT_FINGERPRINTED = frozenset(
+    {"device", "num_workers", "methods", "inits", "full_label_inits", "ablation_inits", "label_ratios"}
+)
 
 
 def fingerprint(obj: Any) -> str:

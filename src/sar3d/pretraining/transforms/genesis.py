@@ -36,7 +36,6 @@ the arithmetic), in int32 where values fit, and nothing loops per window.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from sar3d.schema import dataclass_from
 
 __all__ = [
     "LUT_SIZE",
@@ -114,13 +115,9 @@ class GenesisConfig:
             raise ValueError("GenesisConfig.inpaint_max_boxes must be >= 1")
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> GenesisConfig:
-        """Build from ``config["pretrain"]["transforms"]``; unknown keys are an error, missing ones default."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise ValueError(f"unknown pretrain.transforms key(s) {unknown}; known: {sorted(names)}")
-        return cls(**{k: section[k] for k in names if k in section})
+    def from_config(cls, section: Mapping[str, Any], key: str = "pretrain.transforms") -> GenesisConfig:
+        """Build from ``config["pretrain"]["transforms"]`` (or a block's own ``key``); unknown keys are errors."""
+        return dataclass_from(cls, section, key)
 
 
 # --------------------------------------------------------------------------- helpers
