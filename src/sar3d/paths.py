@@ -29,6 +29,7 @@ TABLE2_MD = "{results}/tables/table2.md"
 TABLE = "{results}/tables/{table}.csv"
 TABLE_MD = "{results}/tables/{table}.md"
 FIGURE = "{results}/figures/{figure}.{ext}"
+STUDY_CONFIG = "{results}/config/study.yaml"  # the resolved config every job reads
 TRACKING_READY = "{results}/mlflow/experiment.json"
 LOGS = "{results}/logs/{rule}/{name}.log"
 # Snakemake `benchmark:` files (wall time, max RSS, CPU time per job): sizes Slurm requests.

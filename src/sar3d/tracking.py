@@ -40,7 +40,7 @@ RULE_ENV = "SAR3D_RULE"  # set by the Snakemake rules to their rule name
 _TRANSIENT = ("database is locked", "database table is locked", "database schema has changed", "busy")
 
 
-def _mlflow():  # imported lazily: mlflow costs seconds to import
+def mlflow_module():  # imported lazily: mlflow costs seconds to import
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -109,7 +109,7 @@ def init_tracking(config: Mapping[str, Any]) -> dict[str, str]:
     before jobs fan out (rule ``tracking_init``) so parallel jobs never race to
     create the sqlite schema, the experiment or the parent.
     """
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     uri = tracking_uri(dict(config))
     results = Path(config["results_dir"]).resolve()
     results.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def tracked_run(
     ``identity`` holds the job's tags (method, task, fold, ratio...); together with
     the stage they form ``job_key``, which a retried job uses to find its run.
     """
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     uri = tracking_uri(dict(config))
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)

@@ -60,10 +60,17 @@ def _write_if_changed(path, text):
 
 
 # Every job reads the same resolved config (defaults filled, --config overrides
-# applied), so `sar3d` commands see exactly what Snakemake validated. It is not a
-# rule input: each rule lists the config sections it depends on as params, so a
-# config change reruns only the jobs it concerns.
-STUDY_CONFIG = _write_if_changed(f"{R}/config/study.yaml", yaml.safe_dump(STUDY, sort_keys=False))
+# applied), so `sar3d` commands see exactly what Snakemake validated. It is written
+# when a run starts (not while the workflow is parsed, so `-n` and `--lint` write
+# nothing) and is not a rule input: each rule lists the config sections it depends on
+# as params, so a config change reruns only the jobs it concerns.
+STUDY_CONFIG = str(paths.fill(paths.STUDY_CONFIG, R))
+
+
+onstart:
+    _write_if_changed(STUDY_CONFIG, yaml.safe_dump(STUDY, sort_keys=False))
+
+
 TRACKING = ancient(paths.fill(paths.TRACKING_READY, R))
 
 

@@ -209,7 +209,7 @@ def excluded_cases(dataset: str, heldout: Sequence[Path]) -> list[str]:
     return sorted(out)
 
 
-def split_cases(cases: Sequence[str], val_fraction: float, rng: np.random.Generator) -> dict[str, str]:
+def pretrain_case_splits(cases: Sequence[str], val_fraction: float, rng: np.random.Generator) -> dict[str, str]:
     """Case -> 'train' | 'val'; at least one validation case whenever there are two cases."""
     cases = sorted(set(cases))
     n_val = 0
@@ -238,7 +238,7 @@ def run_cubes(config: Mapping[str, Any], dataset: str, data: Path, heldout: list
             f"only {len(kept_cases)} case(s) left after excluding {len(excluded)} downstream test case(s); "
             "pre-training needs at least 2 (train and validation)",
         )
-    split_of = split_cases(kept_cases, spec["val_fraction"], numpy_rng(seed, "cubes", dataset, "split"))
+    split_of = pretrain_case_splits(kept_cases, spec["val_fraction"], numpy_rng(seed, "cubes", dataset, "split"))
     per_volume = cubes_per_volume(spec, dataset)
     counts = apportion(per_volume, spec["ratio"])
     scales = [float(s) for s in spec["scales"]]

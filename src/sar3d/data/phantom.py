@@ -127,14 +127,14 @@ HEART_TISSUES: dict[str, tuple[float, float]] = {
 
 
 @dataclass(frozen=True)
-class Grid:
+class VoxelGrid:
     """A voxel grid centred on the world origin, with broadcastable mm coordinates."""
 
     shape: tuple[int, int, int]
     spacing: Vec3
 
     @classmethod
-    def from_fov(cls, fov_mm: Vec3, spacing: Vec3) -> Grid:
+    def from_fov(cls, fov_mm: Vec3, spacing: Vec3) -> VoxelGrid:
         shape = tuple(max(1, round(f / s)) for f, s in zip(fov_mm, spacing, strict=True))
         return cls(shape, spacing)  # type: ignore[arg-type]
 
@@ -211,7 +211,7 @@ def _rank_fraction(values: np.ndarray) -> np.ndarray:
 
 
 def irregular_blob(
-    grid: Grid,
+    grid: VoxelGrid,
     rng: np.random.Generator,
     centre: Sequence[float],
     volume_mm3: float,
@@ -255,7 +255,7 @@ def irregular_blob(
     return mask, box, level
 
 
-def bias_field(rng: np.random.Generator, grid: Grid, strength: float) -> np.ndarray:
+def bias_field(rng: np.random.Generator, grid: VoxelGrid, strength: float) -> np.ndarray:
     """Smooth multiplicative MRI bias: exp of a very low-frequency field."""
     return np.exp(strength * smooth_noise(rng, grid.shape, grid.spacing, feature_mm=60.0)).astype(np.float32)
 
@@ -270,7 +270,7 @@ def rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.nda
 class Canvas:
     """A tissue-index map painted structure by structure; later strokes cover earlier ones."""
 
-    def __init__(self, grid: Grid, tissues: Sequence[str], background: str) -> None:
+    def __init__(self, grid: VoxelGrid, tissues: Sequence[str], background: str) -> None:
         self.grid = grid
         self.index = {name: i for i, name in enumerate(tissues)}
         self.map = np.full(grid.shape, self.index[background], dtype=np.uint8)
@@ -296,7 +296,7 @@ def _ct_image(rng: np.random.Generator, canvas: Canvas) -> np.ndarray:
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
 
 
-def _trunk(rng: np.random.Generator, grid: Grid, interior: str) -> tuple[Canvas, dict[str, float]]:
+def _trunk(rng: np.random.Generator, grid: VoxelGrid, interior: str) -> tuple[Canvas, dict[str, float]]:
     """Body outline with skin fat and a muscle wall around an ``interior`` tissue."""
     canvas = Canvas(grid, list(CT_TISSUES), "air")
     half = np.asarray(grid.shape) * np.asarray(grid.spacing) / 2.0
@@ -332,7 +332,7 @@ def _spine(rng: np.random.Generator, canvas: Canvas, body: dict[str, float]) -> 
     body["spine_front"] = centre_y + radius
 
 
-def _tube(grid: Grid, start: Sequence[float], direction: Sequence[float], radius: float) -> np.ndarray:
+def _tube(grid: VoxelGrid, start: Sequence[float], direction: Sequence[float], radius: float) -> np.ndarray:
     """Infinite cylinder through ``start`` along ``direction``."""
     x, y, z = grid.coords()
     d = np.asarray(direction, dtype=np.float64)
@@ -345,7 +345,7 @@ def _tube(grid: Grid, start: Sequence[float], direction: Sequence[float], radius
 
 def chest_ct(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LUNA16-like chest CT: lungs with vessels and nodules, mediastinum, ribs, spine."""
-    grid = Grid.from_fov(SPECS["chest_ct"].fov_mm, SPECS["chest_ct"].spacing)
+    grid = VoxelGrid.from_fov(SPECS["chest_ct"].fov_mm, SPECS["chest_ct"].spacing)
     canvas, body = _trunk(rng, grid, "soft")
     _, _, z = grid.coords()
     ring_outer = grid.ellipse_xy((0, body["cy"]), (body["inner_ax"], body["inner_ay"]))
@@ -391,7 +391,7 @@ def chest_ct(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return _ct_image(rng, canvas), label, grid.affine
 
 
-def _abdomen(rng: np.random.Generator, grid: Grid) -> tuple[Canvas, dict[str, float], np.ndarray]:
+def _abdomen(rng: np.random.Generator, grid: VoxelGrid) -> tuple[Canvas, dict[str, float], np.ndarray]:
     """Contrast-enhanced abdomen: liver, spleen, kidneys, stomach, bowel, aorta, IVC, psoas, spine.
 
     Returns the canvas, body measures and the liver mask (tasks add lesions or a pancreas).
@@ -438,7 +438,7 @@ def _abdomen(rng: np.random.Generator, grid: Grid) -> tuple[Canvas, dict[str, fl
 
 def liver_ct(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LiTS-like abdominal CT: liver (1) with hypodense lesions (2)."""
-    grid = Grid.from_fov(SPECS["liver_ct"].fov_mm, SPECS["liver_ct"].spacing)
+    grid = VoxelGrid.from_fov(SPECS["liver_ct"].fov_mm, SPECS["liver_ct"].spacing)
     canvas, _, liver = _abdomen(rng, grid)
     for _ in range(int(rng.integers(2, 5))):  # portal/hepatic veins inside the liver
         start = grid.origin + np.argwhere(liver)[rng.integers(int(liver.sum()))] * np.asarray(grid.spacing)
@@ -457,7 +457,7 @@ def liver_ct(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def pancreas_ct(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MSD Task07-like CT: a curved, lobulated pancreas (1) with a hypodense tumour (2)."""
-    grid = Grid.from_fov(SPECS["pancreas_ct"].fov_mm, SPECS["pancreas_ct"].spacing)
+    grid = VoxelGrid.from_fov(SPECS["pancreas_ct"].fov_mm, SPECS["pancreas_ct"].spacing)
     canvas, body, _ = _abdomen(rng, grid)
     x, y, z = grid.coords()
     tail_x, head_x = -body["inner_ax"] * rng.uniform(0.50, 0.60), body["inner_ax"] * rng.uniform(0.15, 0.25)
@@ -507,7 +507,7 @@ def brain_tumour_volume_mm3(rng: np.random.Generator, index: int) -> float:
 def brain_mri(rng: np.random.Generator, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Skull-stripped 4-sequence brain MRI (FLAIR, T1w, T1gd, T2w) with a glioma-like tumour."""
     spec = SPECS["brain_mri"]
-    grid = Grid.from_fov(spec.fov_mm, spec.spacing)
+    grid = VoxelGrid.from_fov(spec.fov_mm, spec.spacing)
     canvas = Canvas(grid, list(BRAIN_TISSUES), "outside")
     half = np.asarray(spec.fov_mm) / 2.0
     axes = half * np.array([rng.uniform(0.85, 0.9), rng.uniform(0.85, 0.9), rng.uniform(0.84, 0.9)])
@@ -564,7 +564,7 @@ def brain_mri(rng: np.random.Generator, index: int) -> tuple[np.ndarray, np.ndar
 def heart_mri(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MSD Task02-like bSSFP thorax: bright blood pools, dark lungs; label 1 = left atrium."""
     spec = SPECS["heart_mri"]
-    grid = Grid.from_fov(spec.fov_mm, spec.spacing)
+    grid = VoxelGrid.from_fov(spec.fov_mm, spec.spacing)
     canvas = Canvas(grid, list(HEART_TISSUES), "air")
     half = np.asarray(spec.fov_mm) / 2.0
     ax, ay = half[0] * rng.uniform(0.86, 0.93), half[1] * rng.uniform(0.78, 0.86)

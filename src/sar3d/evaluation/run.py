@@ -41,21 +41,19 @@ import pandas as pd
 import torch
 
 from sar3d.data.splits import AUTO, bucket_rule, size_bucket
-from sar3d.evaluation.metrics import dice_per_class, dice_score, hd95_mm, hd95_undefined
+from sar3d.data.tasks import fold_cases, load_case, read_manifest
+from sar3d.evaluation.metrics import dice_score, hd95_mm, hd95_undefined
+from sar3d.finetuning.model import build_segmenter, predict_logits
 from sar3d.io import (
     InputDataError,
     atomic_output,
-    check_same_grid,
-    load_volume,
     read_json,
     save_volume,
-    voxel_spacing,
     write_json,
 )
-from sar3d.paths import MANIFEST
 from sar3d.training import devices, metering
 
-__all__ = ["CSV_COLUMNS", "dice_per_class", "dice_score", "run_evaluate"]  # dice_* re-exported for fine-tuning
+__all__ = ["CSV_COLUMNS", "OPTIONAL_COLUMNS", "run_evaluate", "sidecar_path"]
 
 log = logging.getLogger(__name__)
 
@@ -64,37 +62,6 @@ CSV_COLUMNS = [
 ]
 # Added after the first studies were run: readers accept files without them.
 OPTIONAL_COLUMNS = ("hd95_mm", "hd95_undefined")
-
-
-# --------------------------------------------------------------------------- data shared with fine-tuning
-
-
-def class_channels(label: np.ndarray, classes: Mapping[str, Sequence[int]]) -> np.ndarray:
-    """Multi-label target: one binary channel per evaluated class, in the config's class order."""
-    return np.stack([np.isin(label, list(values)) for values in classes.values()]).astype(np.float32)
-
-
-def read_manifest(data: Path) -> dict[str, dict[str, Any]]:
-    """The task manifest's cases by id."""
-    manifest = read_json(Path(data) / MANIFEST)
-    return {entry["case"]: entry for entry in manifest["cases"]}
-
-
-def load_case(data: Path, entry: Mapping[str, Any], classes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
-    """Image ``(1, X, Y, Z)`` and class channels ``(C, X, Y, Z)`` of one preprocessed case."""
-    data = Path(data)
-    image, affine = load_volume(data / entry["image"])
-    if entry.get("label") is None:
-        raise InputDataError(data / MANIFEST, f"case '{entry['case']}' has no label")
-    label, label_affine = load_volume(data / entry["label"])
-    check_same_grid(data / entry["image"], image.shape, affine, data / entry["label"], label.shape, label_affine)
-    return {
-        "case": entry["case"],
-        "image": image[None],
-        "label": class_channels(np.rint(label), classes),
-        "spacing": voxel_spacing(affine),
-        "affine": affine,
-    }
 
 
 def fold_size_buckets(config: Mapping[str, Any], task: str, split: Path) -> list[float] | None:
@@ -116,47 +83,6 @@ def fold_size_buckets(config: Mapping[str, Any], task: str, split: Path) -> list
             split, f"size_buckets_mm3 {recorded} differ from the config's {setting}: rerun `sar3d split`"
         )
     return [float(t) for t in recorded]
-
-
-def split_cases(split: Path, manifest: Mapping[str, Any], part: str) -> list[str]:
-    """The ``part`` (train | val | test) cases of a split file, checked against the manifest."""
-    cases = list(read_json(split)[part])
-    missing = [c for c in cases if c not in manifest]
-    if missing:
-        raise InputDataError(split, f"{part} cases {missing} are not in the task manifest")
-    return cases
-
-
-# --------------------------------------------------------------------------- inference
-
-
-def build_segmenter(config: Mapping[str, Any], task: str) -> torch.nn.Module:
-    """The fine-tuning U-Net of a task (one logit channel per class)."""
-    from sar3d.nets.unet import UNet3D
-
-    n_classes = len(config["tasks"][task]["classes"])
-    return UNet3D(in_channels=1, out_channels=n_classes, width=config["pretrain"]["width"], final_activation=None)
-
-
-@torch.no_grad()
-def predict_logits(
-    model: torch.nn.Module, image: np.ndarray, config: Mapping[str, Any], device: torch.device,
-    amp: torch.dtype | None,
-) -> torch.Tensor:
-    """Sliding-window logits ``(C, X, Y, Z)`` (float32, CPU) of one ``(1, X, Y, Z)`` volume."""
-    from monai.inferers import sliding_window_inference
-
-    x = devices.to_device(torch.as_tensor(image)[None].float(), device)
-    with devices.autocast(device, amp):
-        logits = sliding_window_inference(
-            x,
-            roi_size=tuple(config["finetune"]["patch_size"]),
-            sw_batch_size=config["evaluate"]["sw_batch_size"],
-            predictor=model,
-            overlap=config["evaluate"]["overlap"],
-            mode="gaussian",
-        )
-    return torch.as_tensor(logits)[0].float().cpu()
 
 
 # --------------------------------------------------------------------------- the stage
@@ -241,7 +167,7 @@ def run_evaluate(
     device = devices.resolve_device(fcfg["device"])
     amp = devices.resolve_precision(fcfg["precision"], device)
     manifest = read_manifest(data)
-    cases = split_cases(split, manifest, "test")
+    cases = fold_cases(split, manifest, "test")
     net = build_segmenter(config, task)
     net.load_state_dict(load_state_dict_file(model), strict=True)
     net = devices.prepare_model(net, device)

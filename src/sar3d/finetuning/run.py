@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sar3d.evaluation.run import build_segmenter, load_case, predict_logits, read_manifest, split_cases
+from sar3d.data.tasks import fold_cases, load_case, read_manifest
+from sar3d.finetuning.model import build_segmenter, predict_logits
 from sar3d.paths import ratio_tag
 from sar3d.pretraining.registry import SCRATCH
 from sar3d.seeding import derive_seed, numpy_rng
@@ -145,7 +146,7 @@ def run_finetune(
     amp = devices.resolve_precision(fcfg["precision"], device)
     classes = config["tasks"][task]["classes"]
     manifest = read_manifest(data)
-    train_all, val_all = split_cases(split, manifest, "train"), split_cases(split, manifest, "val")
+    train_all, val_all = fold_cases(split, manifest, "train"), fold_cases(split, manifest, "val")
     train, val = labelled_cases(config, task, fold, ratio, train_all, val_all)
     log.info("%s fold %d ratio %s: %d/%d training cases, %d/%d val", task, fold, ratio, len(train), len(train_all),
              len(val), len(val_all))
@@ -197,7 +198,7 @@ def run_finetune(
         return meter.means(), meter.timing("patches")
 
     def validate(epoch: int) -> tuple[dict[str, float], float]:
-        from sar3d.evaluation.run import dice_per_class
+        from sar3d.evaluation.metrics import dice_per_class
 
         meter = metering.EpochMeter()
         for item in (val_items or train_items):  # no val case: fall back to training volumes (logged)

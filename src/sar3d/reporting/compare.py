@@ -19,7 +19,7 @@ import pandas as pd
 
 from sar3d.config import ConfigError, tracking_uri
 from sar3d.io import atomic_output
-from sar3d.tracking import STUDY_STAGE, _mlflow
+from sar3d.tracking import STUDY_STAGE, mlflow_module
 
 # Identity tags, in display and sort order; the study's parent run is left out.
 GROUP_TAGS = ("stage", "task", "dataset", "method", "init", "ratio", "fold")
@@ -33,7 +33,7 @@ def load_runs(
 
     ``metrics`` are glob patterns on metric names (``dice/*``, ``final/*``); empty = all.
     """
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     mlflow.set_tracking_uri(tracking_uri(dict(config)))
     name = config["tracking"]["experiment"]
     if mlflow.get_experiment_by_name(name) is None:

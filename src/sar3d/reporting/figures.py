@@ -65,7 +65,7 @@ def loss_histories(config: Mapping[str, Any], task: str, ratio: float = 1.0) -> 
 
     A resumed run may log an epoch twice; the last value logged for an epoch wins.
     """
-    from sar3d.reporting.report import mlflow_client, stage_runs
+    from sar3d.reporting.runs import mlflow_client, stage_runs
 
     client = mlflow_client(config)
     tag = paths.ratio_tag(ratio)
@@ -131,7 +131,7 @@ def plot_label_ratios(config: Mapping[str, Any], table4: pd.DataFrame, outs: Seq
         column = sub["column"].iloc[0].rsplit(" ", 1)[0] if len(sub) else ""
         ax.set_xscale("log")
         ratios = sorted(set(sub["ratio"]))
-        from sar3d.reporting.report import ratio_label
+        from sar3d.reporting.labels import ratio_label
 
         ax.set_xticks(ratios, [ratio_label(r) for r in ratios])
         ax.minorticks_off()
@@ -167,8 +167,8 @@ def plot_qualitative(
     """Rows = first test cases of the split, columns = image + reference, then each init's prediction."""
     from matplotlib.colors import ListedColormap
 
+    from sar3d.data.tasks import class_channels, read_manifest
     from sar3d.evaluation.metrics import dice_score
-    from sar3d.evaluation.run import class_channels, read_manifest
 
     plt = _pyplot()
     classes = list(config["tasks"][task]["classes"])

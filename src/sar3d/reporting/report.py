@@ -42,7 +42,6 @@ came from.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,8 @@ from sar3d.evaluation.run import CSV_COLUMNS, OPTIONAL_COLUMNS, sidecar_path
 from sar3d.grid import bucketed_tasks, configured_tables, finetune_jobs, table2_inits, table3_inits, table4_inits
 from sar3d.io import InputDataError, atomic_output, read_json
 from sar3d.pretraining.registry import display_name
+from sar3d.reporting.labels import class_title, ratio_label
+from sar3d.reporting.runs import Key, stage_runs
 from sar3d.reporting.stats import compare
 from sar3d.seeding import derive_seed
 
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (("small", "S"), ("medium", "M"), ("large", "L"))
 DASH = "—"
-Key = tuple[str, str, str, int]  # task, init, ratio tag, fold
 
 
 @dataclass(frozen=True)
@@ -103,26 +103,13 @@ class TableSpec:
 
 
 @dataclass
-class Grid:
+class Evaluations:
     """Every evaluation row read, the expected grid and the run ids of what was read."""
 
     frame: pd.DataFrame
     expected: dict[Key, Path]
     eval_runs: dict[Key, str]
     finetune_runs: dict[Key, str]
-
-
-def class_title(name: str) -> str:
-    """``whole_tumour`` -> ``Tumour``, ``organ`` -> ``Organ`` (the paper's column words)."""
-    return name.split("_")[-1].capitalize()
-
-
-def ratio_label(ratio: float) -> str:
-    """0.5 -> ``1/2``, 0.02 -> ``1/50``, 1 -> ``1``, 0.3 -> ``0.3`` (the paper writes proportions as fractions)."""
-    if math.isclose(ratio, 1.0):
-        return "1"
-    inverse = 1.0 / ratio
-    return f"1/{round(inverse)}" if math.isclose(inverse, round(inverse), rel_tol=1e-6) else f"{ratio:g}"
 
 
 # --------------------------------------------------------------------------- reading the grid
@@ -166,50 +153,7 @@ def read_evaluations(files: Sequence[Path]) -> tuple[pd.DataFrame, dict[Key, str
     return out, runs
 
 
-def mlflow_client(config: Mapping[str, Any]) -> Any:
-    """A client on the study's tracking store."""
-    from sar3d.config import tracking_uri
-    from sar3d.tracking import _mlflow
-
-    return _mlflow().MlflowClient(tracking_uri=tracking_uri(dict(config)))
-
-
-def stage_runs(config: Mapping[str, Any], stage: str) -> dict[Key, Any]:
-    """The latest finished MLflow run of ``stage`` per (task, init, ratio, fold), from the run tags.
-
-    Returns ``{}`` (with a warning) when the store cannot be read: run ids are
-    traceability, not numbers, and must not stop a report.
-    """
-    try:
-        client = mlflow_client(config)
-        experiment = client.get_experiment_by_name(config["tracking"]["experiment"])
-        if experiment is None:
-            return {}
-        runs, token = [], None
-        while True:
-            page = client.search_runs(
-                [experiment.experiment_id], filter_string=f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
-                max_results=1000, page_token=token,
-            )
-            runs.extend(page)
-            token = page.token
-            if not token:
-                break
-    except Exception as err:  # any store problem only costs the run ids
-        log.warning("could not read %s runs from MLflow: %s", stage, err)
-        return {}
-    out: dict[Key, Any] = {}
-    for run in sorted(runs, key=lambda r: r.info.end_time or 0):  # the latest wins
-        tags = run.data.tags
-        try:
-            key = (tags["task"], tags["init"], paths.ratio_tag(float(tags["ratio"])), int(tags["fold"]))
-        except (KeyError, ValueError):
-            continue
-        out[key] = run
-    return out
-
-
-def read_grid(config: Mapping[str, Any], files: Sequence[Path] | None = None) -> Grid:
+def read_grid(config: Mapping[str, Any], files: Sequence[Path] | None = None) -> Evaluations:
     """Evaluations of ``files``, or of every expected file that exists when ``files`` is None."""
     expected = expected_files(config)
     if files is None:
@@ -217,7 +161,7 @@ def read_grid(config: Mapping[str, Any], files: Sequence[Path] | None = None) ->
         log.info("%d of %d expected evaluation files exist", len(files), len(expected))
     frame, eval_runs = read_evaluations([Path(p) for p in files])
     finetune_runs = {k: r.info.run_id for k, r in stage_runs(config, "finetune").items()}
-    return Grid(frame, expected, eval_runs, finetune_runs)
+    return Evaluations(frame, expected, eval_runs, finetune_runs)
 
 
 # --------------------------------------------------------------------------- table specs
@@ -287,7 +231,7 @@ def _run_ids(runs: Mapping[Key, str], task: str, init: str, tag: str, folds: Seq
     return " ".join(runs.get((task, init, tag, f), "") or "-" for f in folds)
 
 
-def build_table(config: Mapping[str, Any], spec: TableSpec, grid: Grid) -> pd.DataFrame:
+def build_table(config: Mapping[str, Any], spec: TableSpec, grid: Evaluations) -> pd.DataFrame:
     """Long form: one row per (column, init) with mean, std, folds, best flag, comparison and run ids."""
     frame = grid.frame
     reference = config["report"]["reference"]
@@ -472,7 +416,7 @@ def _comparison_markdown(
 # --------------------------------------------------------------------------- the stage
 
 
-def write_table(config: Mapping[str, Any], name: str, grid: Grid, out_csv: Path, out_md: Path) -> pd.DataFrame:
+def write_table(config: Mapping[str, Any], name: str, grid: Evaluations, out_csv: Path, out_md: Path) -> pd.DataFrame:
     """Build one table and write its CSV (numbers) and Markdown (formatted)."""
     spec = table_spec(config, name)
     table = build_table(config, spec, grid)
