@@ -1,1 +1,1 @@
-"""Evaluation: cases, segmentation metrics and the per-job evaluation."""
+"""Evaluation: the per-job test-set evaluation (metrics are in :mod:`sar3d.metrics`, shared with fine-tuning)."""

@@ -6,7 +6,7 @@ volume (roi = ``finetune.patch_size``, ``evaluate.sw_batch_size``,
 sigmoid of its logit exceeds 0.5. Each class is its own channel (multi-label:
 pancreas ``organ`` = labels {1, 2}, ``tumour`` = {2}), as in fine-tuning.
 
-Metrics and their empty-mask conventions are in :mod:`sar3d.evaluation.metrics`: Dice is
+Metrics and their empty-mask conventions are in :mod:`sar3d.metrics`: Dice is
 NaN when both masks are empty (excluded from means, counted ``n_empty/<class>``)
 and 0 when one is; ``hd95_mm`` (voxel spacing respected) is NaN when either is
 empty, and ``hd95_undefined`` flags the rows where exactly one is
@@ -42,7 +42,6 @@ import torch
 
 from sar3d.data.splits import AUTO, bucket_rule, size_bucket
 from sar3d.data.tasks import fold_cases, load_case, read_manifest
-from sar3d.evaluation.metrics import dice_score, hd95_mm, hd95_undefined
 from sar3d.finetuning.model import build_segmenter, predict_logits
 from sar3d.io import (
     InputDataError,
@@ -51,6 +50,7 @@ from sar3d.io import (
     save_volume,
     write_json,
 )
+from sar3d.metrics import dice_score, hd95_mm, hd95_undefined
 from sar3d.training import devices, metering
 
 __all__ = ["CSV_COLUMNS", "OPTIONAL_COLUMNS", "run_evaluate", "sidecar_path"]

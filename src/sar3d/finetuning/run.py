@@ -198,7 +198,7 @@ def run_finetune(
         return meter.means(), meter.timing("patches")
 
     def validate(epoch: int) -> tuple[dict[str, float], float]:
-        from sar3d.evaluation.metrics import dice_per_class
+        from sar3d.metrics import dice_per_class
 
         meter = metering.EpochMeter()
         for item in (val_items or train_items):  # no val case: fall back to training volumes (logged)

@@ -168,7 +168,7 @@ def plot_qualitative(
     from matplotlib.colors import ListedColormap
 
     from sar3d.data.tasks import class_channels, read_manifest
-    from sar3d.evaluation.metrics import dice_score
+    from sar3d.metrics import dice_score
 
     plt = _pyplot()
     classes = list(config["tasks"][task]["classes"])
