@@ -19,14 +19,11 @@ from pathlib import Path
 
 import torch
 
-from sar3d.pretraining.transforms.genesis import (
-    GenesisConfig,
-    GenesisTransform,
-    local_pixel_shuffle,
-    nonlinear_intensity,
-    paint,
-    random_flip,
-)
+from sar3d.pretraining.transforms.genesis import GenesisTransform, random_flip
+from sar3d.pretraining.transforms.intensity import nonlinear_intensity
+from sar3d.pretraining.transforms.paint import paint
+from sar3d.pretraining.transforms.settings import GenesisConfig
+from sar3d.pretraining.transforms.shuffle import local_pixel_shuffle
 from sar3d.seeding import torch_generator
 from sar3d.training.devices import keep_freed_memory
 

@@ -19,7 +19,8 @@ from sar3d.data.loader import (
     make_pretrain_loader,
     open_cube_store,
 )
-from sar3d.pretraining.transforms.genesis import GenesisConfig, GenesisTransform
+from sar3d.pretraining.transforms.genesis import GenesisTransform
+from sar3d.pretraining.transforms.settings import GenesisConfig
 
 SIZE = (4, 4, 2)
 

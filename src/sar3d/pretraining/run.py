@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -87,6 +88,30 @@ class Trainer:
         """Every term of a validation batch without updating anything."""
         with devices.autocast(self.device, self.amp):
             return {k: v.detach() for k, v in self.method.validation_terms(batch).items()}
+
+    def train_epoch(
+        self, source: BatchSource, epoch: int, dist: distributed.Distributed
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """One epoch: the method's epoch hook, ``steps_per_epoch`` steps, the ranks' buffers synced.
+
+        Returns the mean train terms and the timing (what :func:`sar3d.training.loop.fit` logs).
+        """
+        method, settings = self.method, self.method.settings
+        method.on_epoch_start(epoch, source.stores.train)
+        steps = settings["steps_per_epoch"]
+        meter = self.train_steps(source.epoch("train", epoch, steps, settings["num_workers"]), steps,
+                                 f"{method.name} {epoch}")
+        distributed.sync_buffers(method.modules.values(), dist)
+        return meter.means(), meter.timing(method.input)
+
+    def validate(self, source: BatchSource) -> tuple[dict[str, float], float]:
+        """Mean terms of the validation batches (the same inputs every epoch) and the ``objective``."""
+        meter = metering.EpochMeter()
+        with batch_statistics(*self.method.modules.values()):
+            for batch in source.epoch("val", 0, self.method.settings["val_steps"], 0):
+                meter.update(self.eval_step(batch))
+        metrics = meter.means()
+        return metrics, metrics["objective"]
 
     def train_steps(self, stream: Iterator[Batch], steps: int, desc: str = "") -> metering.EpochMeter:
         """``steps`` training steps from ``stream``, timing the wait for each batch apart from the step."""
@@ -163,22 +188,6 @@ def run_pretrain(config: dict[str, Any], job: PretrainJob) -> None:
         epochs=settings["epochs"], keep_best=("unet",), scaler=scaler, is_main=dist.is_main,
     )
 
-    def train_epoch(epoch: int) -> tuple[dict[str, float], dict[str, float]]:
-        steps = settings["steps_per_epoch"]
-        method.on_epoch_start(epoch, stores.train)
-        stream = source.epoch("train", epoch, steps, settings["num_workers"])
-        meter = trainer.train_steps(stream, steps, f"{job.method} {epoch}")
-        distributed.sync_buffers(method.modules.values(), dist)
-        return meter.means(), meter.timing(method.input)
-
-    def validate(epoch: int) -> tuple[dict[str, float], float]:
-        meter = metering.EpochMeter()
-        with batch_statistics(*method.modules.values()):
-            for batch in source.epoch("val", 0, settings["val_steps"], 0):  # the same inputs every epoch
-                meter.update(trainer.eval_step(batch))
-        metrics = meter.means()
-        return metrics, metrics["objective"]
-
     tracked = tracked_run(config, "pretrain", {"method": job.method}) if dist.is_main else contextlib.nullcontext(
         _NullRun())
     try:
@@ -190,7 +199,8 @@ def run_pretrain(config: dict[str, Any], job: PretrainJob) -> None:
                 "n_train_samples": len(stores.train), "validation_on": stores.validation_on,
                 **{f"parameters_{k}": count_parameters(m) for k, m in method.modules.items()},
             })
-            state = loop.fit(fit, train_epoch, validate, run)
+            state = loop.fit(fit, partial(trainer.train_epoch, source, dist=dist),
+                             lambda epoch: trainer.validate(source), run)
             if dist.is_main:
                 checkpoints.save_state_dict(job.out, method.exported(state.best_weights["unet"]))
                 run.metrics(loop.final_metrics(state, stopper, settings["epochs"]))

@@ -16,7 +16,8 @@ from torch import nn
 from sar3d.pretraining import losses
 from sar3d.pretraining.base import Batch, PretrainMethod, Terms
 from sar3d.pretraining.registry import register
-from sar3d.pretraining.transforms.genesis import GenesisConfig, GenesisTransform
+from sar3d.pretraining.transforms.genesis import GenesisTransform
+from sar3d.pretraining.transforms.settings import GenesisConfig
 
 RESTORATION_WEIGHTS = {
     "type": "object",
