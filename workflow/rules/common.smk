@@ -1,6 +1,7 @@
 # Shared wiring: the resolved study config, path templates and the job grid.
 # Path templates live in sar3d.paths so rules and Python code never disagree.
 
+import os
 from dataclasses import asdict
 
 import yaml
@@ -38,9 +39,6 @@ container: STUDY["container"]
 
 SEED = STUDY["seed"]
 
-# Every rule runs `sar3d <stage>` behind this prefix: the rule name for MLflow's `rule`
-# tag, and OpenMP limited to the job's threads.
-SAR3D = "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d"
 
 # Rules upstream of pre-training (the critical path) start ahead of fine-tuning from scratch.
 CRITICAL_PATH = 10
@@ -62,8 +60,9 @@ def _write_if_changed(path, text):
 # Every job reads the same resolved config (defaults filled, --config overrides
 # applied), so `sar3d` commands see exactly what Snakemake validated. It is written
 # when a run starts (not while the workflow is parsed, so `-n` and `--lint` write
-# nothing) and is not a rule input: each rule lists the config sections it depends on
-# as params, so a config change reruns only the jobs it concerns.
+# nothing) and is not an input of any rule: each rule passes its path as `params.config` and lists
+# the config sections it depends on as params, so a config change reruns only the jobs
+# it concerns. (Snakemake itself sets OMP_NUM_THREADS and friends to the job's threads.)
 STUDY_CONFIG = str(paths.fill(paths.STUDY_CONFIG, R))
 
 
@@ -77,7 +76,7 @@ TRACKING = ancient(paths.fill(paths.TRACKING_READY, R))
 def settings(section, *grid_keys):
     """A config section minus the keys that only enlarge the job grid.
 
-    Used as rule params so a config change reruns exactly the jobs it concerns:
+    Used as params of the rules, so a config change reruns exactly the jobs it concerns:
     adding a method or a label ratio adds jobs, it does not rerun the others.
     """
     return {k: v for k, v in STUDY[section].items() if k not in grid_keys and k != "resources"}
@@ -143,6 +142,60 @@ def pretrain_flags(wildcards, input):
         flags += [f"--artefact {artefact}={folder}" for folder in input[f"artefact_{artefact}"]]
     return " ".join(flags)
 
+
+
+# Inputs of fine-tuning and of the report rules.
+
+def pretrained_input(wildcards):
+    if wildcards.init == SCRATCH:
+        return []
+    return [path(paths.PRETRAINED, method=wildcards.init)]
+
+
+def evaluation_files(table):
+    """Evaluation CSVs of the jobs a table reads (sar3d.grid)."""
+    return [
+        path(paths.EVALUATION, task=j.task, init=j.init, ratio=j.ratio, fold=j.fold)
+        for j in grid.table_jobs(STUDY, table)
+    ]
+
+
+def bucket_files():
+    """Size-bucket thresholds of the bucketed tasks (their footnotes; auto thresholds exist only there)."""
+    return [path(paths.SIZE_BUCKETS, task=task) for task in grid.bucketed_tasks(STUDY)]
+
+
+def table_path(name, ext="csv"):
+    return path(paths.TABLE if ext == "csv" else paths.TABLE_MD, table=name)
+
+
+def prediction_folder(task, init):
+    """Saved predictions of fold 0 at label ratio 1: what the qualitative figure shows."""
+    return path(paths.EVALUATION_PREDICTIONS, task=task, init=init, ratio="1", fold=0)
+
+
+def figure_path(name, ext):
+    return path(paths.FIGURE, figure=name, ext=ext)
+
+
+# the rows' names and order come from the methods' blocks (a renamed row reruns the tables)
+REPORT_PARAMS = {
+    "report": STUDY["report"],
+    "tasks": STUDY["tasks"],
+    "inits": {init: asdict(registry.describe(STUDY, init)) for init in grid.all_inits(STUDY)},
+}
+
+
+def report_outputs():
+    """Every configured table and figure: the default target."""
+    out = []
+    for name in grid.configured_tables(STUDY):
+        out += [table_path(name), table_path(name, "md")]
+    for ext in ("png", "svg"):
+        out.append(figure_path("table4_label_ratios", ext))
+        for task in STUDY["tasks"]:
+            out += [figure_path(f"loss_curves_{task}", ext), figure_path(f"qualitative_{task}", ext)]
+    return out
 
 
 wildcard_constraints:

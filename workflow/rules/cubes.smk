@@ -10,6 +10,7 @@ rule cubes:
         heldout=lambda wc: [path(paths.HELDOUT, task=t) for t in tasks_of_dataset(wc.dataset)],
         tracking=TRACKING,
     params:
+        config=STUDY_CONFIG,
         cubes=STUDY["cubes"],
         seed=SEED,
     priority: CRITICAL_PATH
@@ -19,5 +20,5 @@ rule cubes:
     log:
         log("cubes", "{dataset}"),
     shell:
-        SAR3D + " cubes --config {STUDY_CONFIG} --dataset {wildcards.dataset} --data {input.data}"
+        "sar3d cubes --config {params.config} --dataset {wildcards.dataset} --data {input.data}"
         " --heldout {input.heldout} --out {output} > {log} 2>&1"

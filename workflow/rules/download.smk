@@ -7,6 +7,7 @@ rule download:
     input:
         TRACKING,
     params:
+        config=STUDY_CONFIG,
         dataset=lambda wc: STUDY["datasets"][wc.dataset],
         seed=SEED,
     priority: CRITICAL_PATH
@@ -16,4 +17,4 @@ rule download:
     log:
         log("download", "{dataset}"),
     shell:
-        SAR3D + " download --config {STUDY_CONFIG} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "sar3d download --config {params.config} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"

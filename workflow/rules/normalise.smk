@@ -8,6 +8,7 @@ rule normalise_pretrain:
         raw=path(paths.RAW, dataset="{dataset}"),
         tracking=TRACKING,
     params:
+        config=STUDY_CONFIG,
         preprocess=STUDY["preprocess"],
         channels=lambda wc: STUDY["pretrain"]["datasets"].get(wc.dataset),
     priority: CRITICAL_PATH
@@ -17,7 +18,7 @@ rule normalise_pretrain:
     log:
         log("normalise_pretrain", "{dataset}"),
     shell:
-        SAR3D + " normalise --config {STUDY_CONFIG} --dataset {wildcards.dataset}"
+        "sar3d normalise --config {params.config} --dataset {wildcards.dataset}"
         " --raw {input.raw} --out {output} > {log} 2>&1"
 
 
@@ -28,6 +29,7 @@ rule normalise_task:
         raw=lambda wc: path(paths.RAW, dataset=STUDY["tasks"][wc.task]["dataset"]),
         tracking=TRACKING,
     params:
+        config=STUDY_CONFIG,
         preprocess=STUDY["preprocess"],
         task=lambda wc: {k: v for k, v in STUDY["tasks"][wc.task].items() if k != "split"},
     priority: CRITICAL_PATH
@@ -37,5 +39,5 @@ rule normalise_task:
     log:
         log("normalise_task", "{task}"),
     shell:
-        SAR3D + " normalise --config {STUDY_CONFIG} --task {wildcards.task}"
+        "sar3d normalise --config {params.config} --task {wildcards.task}"
         " --raw {input.raw} --out {output} > {log} 2>&1"

@@ -10,6 +10,7 @@ rule pretrain:
     input:
         unpack(pretrain_inputs),
     params:
+        config=STUDY_CONFIG,
         settings=lambda wc: registry.job_settings(STUDY, wc.method),
         seed=SEED,
         extra=pretrain_flags,
@@ -23,7 +24,7 @@ rule pretrain:
     benchmark:
         bench("pretrain", "{method}"),
     shell:
-        SAR3D + " pretrain --config {STUDY_CONFIG} --method {wildcards.method}"
+        "sar3d pretrain --config {params.config} --method {wildcards.method}"
         " --cubes {input.cubes} {params.extra} --out {output} --checkpoint {params.checkpoint} > {log} 2>&1"
 
 
@@ -35,6 +36,7 @@ rule pretrain_artefact:
     input:
         volumes=path(paths.PREPROCESSED_PRETRAIN, dataset="{dataset}"),
     params:
+        config=STUDY_CONFIG,
         block=lambda wc: STUDY["pretrain"]["methods"][wc.method],
         seed=SEED,
     priority: CRITICAL_PATH
@@ -44,5 +46,5 @@ rule pretrain_artefact:
     log:
         log("pretrain_artefact", "{method}-{artefact}-{dataset}"),
     shell:
-        SAR3D + " artefact --config {STUDY_CONFIG} --method {wildcards.method}"
+        "sar3d artefact --config {params.config} --method {wildcards.method}"
         " --artefact {wildcards.artefact} --volumes {input.volumes} --out {output} > {log} 2>&1"
