@@ -29,5 +29,7 @@ study: $(STAMP)
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(CORES) --dist loadfile $(PYTEST_ARGS)
 
+# ruff over the code, Snakemake's own linter over the workflow (non-zero on any lint).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint

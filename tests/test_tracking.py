@@ -35,7 +35,7 @@ def test_run_holds_tags_params_and_metric_history(config: dict[str, Any]) -> Non
     assert only.info.status == "FINISHED"
     assert only.data.tags["stage"] == "finetune"
     assert only.data.tags["task"] == "pancreas" and only.data.tags["fold"] == "1"
-    assert only.data.params["pretrain.loss_weights.restoration"] == "10.0"
+    assert only.data.params["pretrain.methods.sar.loss_weights.restoration"] == "10.0"
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(config))
     history = client.get_metric_history(only.info.run_id, "train/loss")
     assert [m.step for m in history] == [0, 1, 2]
@@ -66,24 +66,22 @@ def test_jobs_are_children_of_one_study_run(config: dict[str, Any], monkeypatch:
     marker = json.loads((Path(config["results_dir"]) / "mlflow" / "experiment.json").read_text())
     parent_id = marker["parent_run_id"]
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("SAR3D_RULE", "finetune")
     with tracked_run(config, "finetune", {"task": "pancreas", "init": "sar", "ratio": 0.5, "fold": 1}):
         pass
     (child,) = _runs(config)
     tags = child.data.tags
     assert tags["mlflow.parentRunId"] == parent_id
-    assert (tags["rule"], tags["slurm_job_id"], tags["init"], tags["ratio"]) == ("finetune", "4242", "sar", "0.5")
+    assert (tags["stage"], tags["slurm_job_id"], tags["init"], tags["ratio"]) == ("finetune", "4242", "sar", "0.5")
     assert tags["seed"] == str(config["seed"]) and tags["git_commit"] and tags["host"]
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(config))
     parent = client.get_run(parent_id)
     assert parent.data.tags["stage"] == "study" and parent.data.params["seed"] == str(config["seed"])
     assert parent.info.status == "RUNNING"
-    monkeypatch.delenv("SAR3D_RULE")
     with tracked_run(config, "report", {"table": "table2"}):
         pass
     assert client.get_run(parent_id).info.status == "FINISHED"  # the final table closes the study
     report = next(r for r in _runs(config) if r.data.tags["stage"] == "report")
-    assert report.data.tags["rule"] == "report"  # outside Snakemake: the stage
+    assert report.data.tags["job_key"] == "report/table=table2"
 
 
 N_JOBS, N_STEPS = 8, 12

@@ -15,24 +15,11 @@ import pytest
 import torch
 import yaml
 
-from sar3d.transforms import (
-    INPAINT,
-    NO_PAINT,
-    OUTPAINT,
-    GenesisConfig,
-    GenesisTransform,
-    apply_lookup_table,
-    bezier_lookup_tables,
-    flip_parities,
-    local_pixel_shuffle,
-    nonlinear_intensity,
-    paint,
-    paint_masks,
-    random_flip,
-    shuffle_in_windows,
-    shuffle_windows,
-    uniform_noise,
-)
+from sar3d.pretraining.transforms.genesis import GenesisTransform, flip_parities, random_flip
+from sar3d.pretraining.transforms.intensity import apply_lookup_table, bezier_lookup_tables, nonlinear_intensity
+from sar3d.pretraining.transforms.paint import INPAINT, NO_PAINT, OUTPAINT, paint, paint_masks, uniform_noise
+from sar3d.pretraining.transforms.settings import GenesisConfig
+from sar3d.pretraining.transforms.shuffle import local_pixel_shuffle, shuffle_in_windows, shuffle_windows
 
 CFG = GenesisConfig()
 SMALL = (32, 32, 16)

@@ -5,9 +5,15 @@ The paper does not cross everything with everything, and neither does the study:
 * ``finetune.inits`` (scratch, Genesis, SAR, ...) run on every task at every
   ``finetune.label_ratios`` entry: Table 2 reads label ratio 1, Table 4 and its
   figure read every ratio, the loss-curve and qualitative figures ratio 1.
+* ``finetune.full_label_inits`` run on every task at label ratio 1 only: rows
+  of Table 2 and the loss-curve figure, not of Table 4.
 * ``finetune.ablation_inits`` (the single-scale SAR variants of Table 3) run only
   on the tasks with ``size_buckets_mm3`` (the brain task) and only at label
   ratio 1, next to the reference init of ``report.reference``.
+
+Which table an init's rows go to and in which order is its method's role and
+rank (:mod:`sar3d.pretraining.registry`): rows follow the paper's order whatever
+the config's.
 
 The Snakemake rules and ``sar3d report-all`` both take their file lists from
 here, so the DAG and the tables always expect the same evaluations.
@@ -20,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sar3d.paths import ratio_tag
+from sar3d.pretraining.base import MAIN, SCALE_ABLATION
+from sar3d.pretraining.registry import describe, table_order
 
 FULL_LABELS = "1"  # ratio tag of the full training split
-SINGLE_SCALE = ("sar_s2", "sar_s4", "sar_s8")
 
 
 @dataclass(frozen=True, order=True)
@@ -46,17 +53,25 @@ def ratio_tags(config: Mapping[str, Any]) -> list[str]:
 
 def all_inits(config: Mapping[str, Any]) -> list[str]:
     """Every initialisation the study fine-tunes from, main grid first."""
-    return list(dict.fromkeys([*config["finetune"]["inits"], *config["finetune"]["ablation_inits"]]))
+    ft = config["finetune"]
+    return list(dict.fromkeys([*ft["inits"], *ft["full_label_inits"], *ft["ablation_inits"]]))
 
 
 def table2_inits(config: Mapping[str, Any]) -> list[str]:
-    return [i for i in config["finetune"]["inits"] if i not in SINGLE_SCALE]
+    """Rows of Table 2: the main inits at label ratio 1 (not the scale ablations), in the paper's order."""
+    inits = [*config["finetune"]["inits"], *config["finetune"]["full_label_inits"]]
+    return table_order(config, [i for i in inits if describe(config, i).role == MAIN])
 
 
 def table3_inits(config: Mapping[str, Any]) -> list[str]:
-    """The single-scale inits anywhere in the study, then the multi-scale reference; [] without any."""
-    single = [i for i in SINGLE_SCALE if i in all_inits(config)]
+    """The scale-ablation inits anywhere in the study, then the multi-scale reference; [] without any."""
+    single = table_order(config, [i for i in all_inits(config) if describe(config, i).role == SCALE_ABLATION])
     return [*single, config["report"]["reference"]] if single and bucketed_tasks(config) else []
+
+
+def table4_inits(config: Mapping[str, Any]) -> list[str]:
+    """Rows of Table 4 (every label ratio): ``finetune.inits`` in the paper's order."""
+    return table_order(config, list(config["finetune"]["inits"]))
 
 
 def finetune_jobs(
@@ -67,6 +82,7 @@ def finetune_jobs(
 ) -> list[FinetuneJob]:
     """The study's jobs, optionally only those of some tasks / inits / ratio tags (sorted, unique)."""
     main = [(init, tag) for init in config["finetune"]["inits"] for tag in ratio_tags(config)]
+    main += [(init, FULL_LABELS) for init in config["finetune"]["full_label_inits"]]
     ablation = [(init, FULL_LABELS) for init in config["finetune"]["ablation_inits"]]
     bucketed = bucketed_tasks(config)
     jobs = set()

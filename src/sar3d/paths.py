@@ -18,6 +18,7 @@ SIZE_BUCKETS = "{results}/splits/{task}/size_buckets.json"
 CUBES = "{results}/cubes/{dataset}"
 PRETRAINED = "{results}/models/pretrain/{method}/model.pt"
 PRETRAIN_CHECKPOINT = "{results}/models/pretrain/{method}/checkpoint.pt"
+PRETRAIN_ARTEFACT = "{results}/artefacts/{method}/{artefact}/{dataset}"  # a method's cached per-volume files
 FINETUNED = "{results}/models/finetune/{task}/{init}/r{ratio}/fold{fold}/model.pt"
 FINETUNE_CHECKPOINT = "{results}/models/finetune/{task}/{init}/r{ratio}/fold{fold}/checkpoint.pt"
 EVALUATION = "{results}/eval/{task}/{init}/r{ratio}/fold{fold}.csv"
@@ -28,6 +29,7 @@ TABLE2_MD = "{results}/tables/table2.md"
 TABLE = "{results}/tables/{table}.csv"
 TABLE_MD = "{results}/tables/{table}.md"
 FIGURE = "{results}/figures/{figure}.{ext}"
+STUDY_CONFIG = "{results}/config/study.yaml"  # the resolved config every job reads
 TRACKING_READY = "{results}/mlflow/experiment.json"
 LOGS = "{results}/logs/{rule}/{name}.log"
 # Snakemake `benchmark:` files (wall time, max RSS, CPU time per job): sizes Slurm requests.

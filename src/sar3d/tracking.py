@@ -35,12 +35,11 @@ log = logging.getLogger(__name__)
 
 STUDY_STAGE = "study"  # ``stage`` tag of the parent run
 FINAL_STAGE = "report"  # a finished job of this stage marks the study's parent run FINISHED
-RULE_ENV = "SAR3D_RULE"  # set by the Snakemake rules to their rule name
 # Transient errors of a shared sqlite store under many writers; anything else is raised at once.
 _TRANSIENT = ("database is locked", "database table is locked", "database schema has changed", "busy")
 
 
-def _mlflow():  # imported lazily: mlflow costs seconds to import
+def mlflow_module():  # imported lazily: mlflow costs seconds to import
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -96,7 +95,7 @@ def _study_run(client: Any, experiment_id: str, config: Mapping[str, Any]) -> st
     if found:
         return found[0].info.run_id
     name = config["tracking"]["experiment"]
-    tags = {"stage": STUDY_STAGE, "rule": "tracking_init", "mlflow.runName": f"study {name}", **_common_tags(config)}
+    tags = {"stage": STUDY_STAGE, "mlflow.runName": f"study {name}", **_common_tags(config)}
     run_id = _retry(client.create_run, experiment_id, tags=tags).info.run_id
     RunLogger(client, run_id).params(flatten(dict(config)))
     return run_id
@@ -109,7 +108,7 @@ def init_tracking(config: Mapping[str, Any]) -> dict[str, str]:
     before jobs fan out (rule ``tracking_init``) so parallel jobs never race to
     create the sqlite schema, the experiment or the parent.
     """
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     uri = tracking_uri(dict(config))
     results = Path(config["results_dir"]).resolve()
     results.mkdir(parents=True, exist_ok=True)
@@ -169,7 +168,7 @@ def tracked_run(
     ``identity`` holds the job's tags (method, task, fold, ratio...); together with
     the stage they form ``job_key``, which a retried job uses to find its run.
     """
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     uri = tracking_uri(dict(config))
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -186,7 +185,6 @@ def tracked_run(
     )
     tags = {
         "stage": stage,
-        "rule": os.environ.get(RULE_ENV, stage),
         "job_key": job_key,
         "mlflow.runName": job_key.replace("/", " "),
         **_common_tags(config),
@@ -200,7 +198,7 @@ def tracked_run(
         _retry(client.update_run, run_id, status="RUNNING")
         logger = RunLogger(client, run_id)
         # this attempt's host, Slurm job and commit (the run keeps its first params)
-        logger.tags({k: tags[k] for k in ("rule", "host", "slurm_job_id", "git_commit")})
+        logger.tags({k: tags[k] for k in ("host", "slurm_job_id", "git_commit")})
     else:
         run_id = _retry(client.create_run, experiment_id, tags=tags).info.run_id
         logger = RunLogger(client, run_id)

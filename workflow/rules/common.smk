@@ -1,12 +1,18 @@
 # Shared wiring: the resolved study config, path templates and the job grid.
 # Path templates live in sar3d.paths so rules and Python code never disagree.
 
+import os
+from dataclasses import asdict
+
 import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from sar3d import grid, paths, slurm
-from sar3d.config import SCRATCH, ConfigError, resources_for, validate_config
+from sar3d.config import ConfigError, resources_for, validate_config
+from sar3d.pretraining import registry
+from sar3d.pretraining.base import VOLUMES
+from sar3d.pretraining.registry import SCRATCH
 
 # sar3d's own check first: it names the offending key in one line (and cross-checks
 # datasets, tasks and methods); then Snakemake's validate fills schema defaults.
@@ -34,6 +40,10 @@ container: STUDY["container"]
 SEED = STUDY["seed"]
 
 
+# Rules upstream of pre-training (the critical path) start ahead of fine-tuning from scratch.
+CRITICAL_PATH = 10
+
+
 def _write_if_changed(path, text):
     """Keep the resolved config's mtime stable so reruns only follow real changes."""
     from pathlib import Path
@@ -48,17 +58,25 @@ def _write_if_changed(path, text):
 
 
 # Every job reads the same resolved config (defaults filled, --config overrides
-# applied), so `sar3d` commands see exactly what Snakemake validated. It is not a
-# rule input: each rule lists the config sections it depends on as params, so a
-# config change reruns only the jobs it concerns.
-STUDY_CONFIG = _write_if_changed(f"{R}/config/study.yaml", yaml.safe_dump(STUDY, sort_keys=False))
+# applied), so `sar3d` commands see exactly what Snakemake validated. It is written
+# when a run starts (not while the workflow is parsed, so `-n` and `--lint` write
+# nothing) and is not an input of any rule: each rule passes its path as `params.config` and lists
+# the config sections it depends on as params, so a config change reruns only the jobs
+# it concerns. (Snakemake itself sets OMP_NUM_THREADS and friends to the job's threads.)
+STUDY_CONFIG = str(paths.fill(paths.STUDY_CONFIG, R))
+
+
+onstart:
+    _write_if_changed(STUDY_CONFIG, yaml.safe_dump(STUDY, sort_keys=False))
+
+
 TRACKING = ancient(paths.fill(paths.TRACKING_READY, R))
 
 
 def settings(section, *grid_keys):
     """A config section minus the keys that only enlarge the job grid.
 
-    Used as rule params so a config change reruns exactly the jobs it concerns:
+    Used as params of the rules, so a config change reruns exactly the jobs it concerns:
     adding a method or a label ratio adds jobs, it does not rerun the others.
     """
     return {k: v for k, v in STUDY[section].items() if k not in grid_keys and k != "resources"}
@@ -101,11 +119,90 @@ def rule_threads(group):
     return resources_for(STUDY, group)["threads"]
 
 
+def pretrain_inputs(wildcards):
+    """A pre-training job's inputs: the cube shards (they fix every case's split), and the
+    normalised volumes and artefact folders when its kind declares them."""
+    cls = registry.method_class(STUDY, wildcards.method)
+    datasets = list(STUDY["pretrain"]["datasets"])
+    out = {"cubes": [path(paths.CUBES, dataset=d) for d in datasets], "tracking": TRACKING}
+    if cls.input == VOLUMES:
+        out["volumes"] = [path(paths.PREPROCESSED_PRETRAIN, dataset=d) for d in datasets]
+    for artefact in cls.artefacts:
+        out[f"artefact_{artefact}"] = [
+            path(paths.PRETRAIN_ARTEFACT, method=wildcards.method, artefact=artefact, dataset=d) for d in datasets
+        ]
+    return out
+
+
+def pretrain_flags(wildcards, input):
+    """`sar3d pretrain` flags for the volume and artefact inputs of :func:`pretrain_inputs`."""
+    cls = registry.method_class(STUDY, wildcards.method)
+    flags = [f"--volumes {' '.join(input.volumes)}"] if cls.input == VOLUMES else []
+    for artefact in cls.artefacts:
+        flags += [f"--artefact {artefact}={folder}" for folder in input[f"artefact_{artefact}"]]
+    return " ".join(flags)
+
+
+
+# Inputs of fine-tuning and of the report rules.
+
+def pretrained_input(wildcards):
+    if wildcards.init == SCRATCH:
+        return []
+    return [path(paths.PRETRAINED, method=wildcards.init)]
+
+
+def evaluation_files(table):
+    """Evaluation CSVs of the jobs a table reads (sar3d.grid)."""
+    return [
+        path(paths.EVALUATION, task=j.task, init=j.init, ratio=j.ratio, fold=j.fold)
+        for j in grid.table_jobs(STUDY, table)
+    ]
+
+
+def bucket_files():
+    """Size-bucket thresholds of the bucketed tasks (their footnotes; auto thresholds exist only there)."""
+    return [path(paths.SIZE_BUCKETS, task=task) for task in grid.bucketed_tasks(STUDY)]
+
+
+def table_path(name, ext="csv"):
+    return path(paths.TABLE if ext == "csv" else paths.TABLE_MD, table=name)
+
+
+def prediction_folder(task, init):
+    """Saved predictions of fold 0 at label ratio 1: what the qualitative figure shows."""
+    return path(paths.EVALUATION_PREDICTIONS, task=task, init=init, ratio="1", fold=0)
+
+
+def figure_path(name, ext):
+    return path(paths.FIGURE, figure=name, ext=ext)
+
+
+# the rows' names and order come from the methods' blocks (a renamed row reruns the tables)
+REPORT_PARAMS = {
+    "report": STUDY["report"],
+    "tasks": STUDY["tasks"],
+    "inits": {init: asdict(registry.describe(STUDY, init)) for init in grid.all_inits(STUDY)},
+}
+
+
+def report_outputs():
+    """Every configured table and figure: the default target."""
+    out = []
+    for name in grid.configured_tables(STUDY):
+        out += [table_path(name), table_path(name, "md")]
+    for ext in ("png", "svg"):
+        out.append(figure_path("table4_label_ratios", ext))
+        for task in STUDY["tasks"]:
+            out += [figure_path(f"loss_curves_{task}", ext), figure_path(f"qualitative_{task}", ext)]
+    return out
+
 
 wildcard_constraints:
     dataset="|".join(STUDY["datasets"]),
     task="|".join(STUDY["tasks"]),
     method="|".join(STUDY["pretrain"]["methods"]),
     init="|".join(grid.all_inits(STUDY)),
+    artefact=r"[A-Za-z0-9_]+",
     fold=r"\d+",
     ratio=r"[0-9.]+",

@@ -14,6 +14,7 @@ rule evaluate:
         data=path(paths.PREPROCESSED_TASK, task="{task}"),
         tracking=TRACKING,
     params:
+        config=STUDY_CONFIG,
         evaluate=STUDY["evaluate"],
         buckets=lambda wc: STUDY["tasks"][wc.task].get("size_buckets_mm3"),
     threads: rule_threads("evaluate")
@@ -24,6 +25,6 @@ rule evaluate:
     benchmark:
         bench("evaluate", "{task}-{init}-r{ratio}-fold{fold}"),
     shell:
-        "OMP_NUM_THREADS={threads} sar3d evaluate --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
+        "sar3d evaluate --config {params.config} --task {wildcards.task} --init {wildcards.init}"
         " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"
         " --model {input.model} --out {output.csv} --predictions {output.predictions} > {log} 2>&1"

@@ -2,12 +2,6 @@
 # (sar3d.grid: which inits run at which ratios on which tasks).
 
 
-def pretrained_input(wildcards):
-    if wildcards.init == SCRATCH:
-        return []
-    return [path(paths.PRETRAINED, method=wildcards.init)]
-
-
 rule finetune:
     output:
         path(paths.FINETUNED, task="{task}", init="{init}", ratio="{ratio}", fold="{fold}"),
@@ -17,7 +11,8 @@ rule finetune:
         pretrained=pretrained_input,
         tracking=TRACKING,
     params:
-        finetune=settings("finetune", "inits", "ablation_inits", "label_ratios", "device"),
+        config=STUDY_CONFIG,
+        finetune=settings("finetune", "inits", "full_label_inits", "ablation_inits", "label_ratios", "device"),
         width=STUDY["pretrain"]["width"],
         seed=SEED,
         pretrained=lambda wc, input: f"--pretrained {input.pretrained}" if input.pretrained else "",
@@ -32,6 +27,6 @@ rule finetune:
     benchmark:
         bench("finetune", "{task}-{init}-r{ratio}-fold{fold}"),
     shell:
-        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d finetune --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
+        "sar3d finetune --config {params.config} --task {wildcards.task} --init {wildcards.init}"
         " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"
         " {params.pretrained} --out {output} --checkpoint {params.checkpoint} > {log} 2>&1"

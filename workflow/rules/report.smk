@@ -1,52 +1,7 @@
-# Tables and figures of the paper from the study grid (sar3d.report, sar3d.figures).
+# Tables and figures of the paper from the study grid (sar3d.reporting.report, sar3d.reporting.figures).
 # Inputs are the evaluations, so the DAG builds them. For a partial grid (some jobs
 # failed): `snakemake --keep-going`, then `sar3d report-all --config results/config/study.yaml`
 # writes every table and figure from whichever evaluations exist, marking the rest "—".
-
-
-def evaluation_files(table):
-    """Evaluation CSVs of the jobs a table reads (sar3d.grid)."""
-    return [
-        path(paths.EVALUATION, task=j.task, init=j.init, ratio=j.ratio, fold=j.fold)
-        for j in grid.table_jobs(STUDY, table)
-    ]
-
-
-def bucket_files():
-    """Size-bucket thresholds of the bucketed tasks (their footnotes; auto thresholds exist only there)."""
-    return [path(paths.SIZE_BUCKETS, task=task) for task in grid.bucketed_tasks(STUDY)]
-
-
-def table_path(name, ext="csv"):
-    return path(paths.TABLE if ext == "csv" else paths.TABLE_MD, table=name)
-
-
-def prediction_folder(task, init):
-    """Saved predictions of fold 0 at label ratio 1: what the qualitative figure shows."""
-    return path(paths.EVALUATION_PREDICTIONS, task=task, init=init, ratio="1", fold=0)
-
-
-def figure_path(name, ext):
-    return path(paths.FIGURE, figure=name, ext=ext)
-
-
-REPORT_PARAMS = {"report": STUDY["report"], "tasks": STUDY["tasks"], "inits": grid.all_inits(STUDY)}
-
-
-def table2_outputs():
-    return [path(paths.TABLE2), path(paths.TABLE2_MD)]
-
-
-def report_outputs():
-    """Every configured table and figure: the default target."""
-    out = []
-    for name in grid.configured_tables(STUDY):
-        out += [table_path(name), table_path(name, "md")]
-    for ext in ("png", "svg"):
-        out.append(figure_path("table4_label_ratios", ext))
-        for task in STUDY["tasks"]:
-            out += [figure_path(f"loss_curves_{task}", ext), figure_path(f"qualitative_{task}", ext)]
-    return out
 
 
 rule report_table2:
@@ -60,6 +15,7 @@ rule report_table2:
         buckets=bucket_files(),
         tracking=TRACKING,
     params:
+        config=STUDY_CONFIG,
         **REPORT_PARAMS,
     threads: rule_threads("default")
     resources:
@@ -67,9 +23,9 @@ rule report_table2:
     log:
         log("report", "table2"),
     shell:
-        "(sar3d report --config {STUDY_CONFIG} --evaluations {input.evaluations}"
+        "(sar3d report --config {params.config} --evaluations {input.evaluations}"
         " --out-csv {output.csv} --out-md {output.md}"
-        " && sar3d report --config {STUDY_CONFIG} --table table2_hd95 --evaluations {input.evaluations}"
+        " && sar3d report --config {params.config} --table table2_hd95 --evaluations {input.evaluations}"
         " --out-csv {output.hd95_csv} --out-md {output.hd95_md}) > {log} 2>&1"
 
 
@@ -82,6 +38,7 @@ rule report_table3:
         buckets=bucket_files(),
         tracking=TRACKING,
     params:
+        config=STUDY_CONFIG,
         **REPORT_PARAMS,
     threads: rule_threads("default")
     resources:
@@ -89,7 +46,7 @@ rule report_table3:
     log:
         log("report", "table3"),
     shell:
-        "sar3d report --config {STUDY_CONFIG} --table table3 --evaluations {input.evaluations}"
+        "sar3d report --config {params.config} --table table3 --evaluations {input.evaluations}"
         " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
 
 
@@ -104,6 +61,7 @@ rule report_table4:
         buckets=bucket_files(),
         tracking=TRACKING,
     params:
+        config=STUDY_CONFIG,
         **REPORT_PARAMS,
         ratios=STUDY["finetune"]["label_ratios"],
     threads: rule_threads("default")
@@ -112,7 +70,7 @@ rule report_table4:
     log:
         log("report", "table4"),
     shell:
-        "sar3d report --config {STUDY_CONFIG} --table table4 --evaluations {input.evaluations}"
+        "sar3d report --config {params.config} --table table4 --evaluations {input.evaluations}"
         " --out-csv {output.csv} --out-md {output.md} --out-figure {output.png} {output.svg} > {log} 2>&1"
 
 
@@ -129,13 +87,15 @@ rule figure_loss_curves:
             for fold in task_folds(wc.task)
         ],
         tracking=TRACKING,
+    params:
+        config=STUDY_CONFIG,
     threads: rule_threads("default")
     resources:
         **rule_resources("default"),
     log:
         log("figure", "loss_curves_{task}"),
     shell:
-        "sar3d figure --config {STUDY_CONFIG} --kind loss --task {wildcards.task}"
+        "sar3d figure --config {params.config} --kind loss --task {wildcards.task}"
         " --out {output.png} {output.svg} > {log} 2>&1"
 
 
@@ -149,6 +109,7 @@ rule figure_qualitative:
         split=path(paths.SPLIT, task="{task}", fold="0"),
         data=path(paths.PREPROCESSED_TASK, task="{task}"),
     params:
+        config=STUDY_CONFIG,
         predictions=lambda wc: " ".join(
             f"--prediction {init} {prediction_folder(wc.task, init)}" for init in STUDY["finetune"]["inits"]
         ),
@@ -159,7 +120,7 @@ rule figure_qualitative:
     log:
         log("figure", "qualitative_{task}"),
     shell:
-        "sar3d figure --config {STUDY_CONFIG} --kind qualitative --task {wildcards.task} --data {input.data}"
+        "sar3d figure --config {params.config} --kind qualitative --task {wildcards.task} --data {input.data}"
         " --split {input.split} {params.predictions} --out {output.png} {output.svg} > {log} 2>&1"
 
 

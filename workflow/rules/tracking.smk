@@ -6,6 +6,7 @@ rule tracking_init:
     output:
         paths.fill(paths.TRACKING_READY, R),
     params:
+        config=STUDY_CONFIG,
         tracking=STUDY["tracking"],
     threads: rule_threads("default")
     resources:
@@ -13,4 +14,4 @@ rule tracking_init:
     log:
         log("tracking_init", "tracking"),
     shell:
-        "SAR3D_RULE={rule} sar3d tracking-init --config {STUDY_CONFIG} > {log} 2>&1"
+        "sar3d tracking-init --config {params.config} > {log} 2>&1"
