@@ -1,0 +1,57 @@
+"""3D-RPL: the label is the neighbour's grid offset (traced back in the cube), the loss learns, bad config fails."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import taleb_fixtures as fx
+import torch
+
+from sar3d.pretraining.methods.patches import check_head
+from sar3d.pretraining.methods.rpl import N_NEIGHBOURS, RPLViews, rpl_head, rpl_terms
+
+PATCH = (16, 16, 8)
+# the reference's own label order: offsets of the 26 neighbours, raster order (z fastest), centre left out
+REFERENCE = [o for o in itertools.product((-1, 0, 1), repeat=3) if any(o)]
+
+
+def test_label_is_the_neighbours_grid_offset():
+    cubes = fx.unique_cubes(40)
+    patches, labels = RPLViews(fx.CUBE, PATCH)(cubes, torch.Generator().manual_seed(5))
+    assert patches.shape == (40, 2, 1, *PATCH)
+    corners = set()
+    for b in range(len(cubes)):
+        (vc, centre), (vn, neighbour) = (fx.locate(cubes, patches[b, i]) for i in range(2))
+        assert vc == vn == b
+        corners.add(centre)
+        c, n = fx.cell_of(centre, PATCH, (3, 3, 3)), fx.cell_of(neighbour, PATCH, (3, 3, 3))
+        assert c == (1, 1, 1)
+        assert REFERENCE[int(labels[b])] == tuple(ni - ci for ni, ci in zip(n, c, strict=True))
+    assert len(corners) > 1  # jitter moves the centre patch inside its cell
+
+
+def test_draws_cover_every_label_and_repeat_with_the_seed():
+    fx.draws_are_seeded_and_cover(RPLViews(fx.CUBE, PATCH), 500, N_NEIGHBOURS)
+    fixed = RPLViews(fx.CUBE, PATCH, jitter=False).randomize(4, torch.Generator().manual_seed(1))[0]
+    assert torch.equal(fixed[:, 0], fixed[:1, 0].expand(4, -1))  # evaluation: centred, no jitter
+
+
+def test_rpl_loss_falls_on_phantom_cubes():
+    cubes = fx.phantom_cubes()[:8]
+    patches, labels = RPLViews(fx.CUBE, PATCH)(cubes, torch.Generator().manual_seed(1))
+    unet = fx.small_unet()
+    head = rpl_head(unet.encoder_channels[-1], PATCH, 32, check_head((2048, 1024), fx.WIDTH, N_NEIGHBOURS, "k"))
+    fx.assert_falls(fx.train([unet, head], lambda: rpl_terms(unet, head, (patches, labels))["loss_rpl"], 24))
+
+
+@pytest.mark.parametrize(("block", "width", "key"), [
+    ({"patch": [16, 16, 4]}, 1.0, "pretrain.rpl.patch"),  # 4 cannot pass three poolings
+    ({"patch": [24, 24, 8]}, 1.0, "pretrain.rpl.patch"),  # 3 x 24 > 64
+    ({"hidden": [2048, 16]}, 1.0, "pretrain.rpl.hidden"),  # narrower than 26 classes
+    ({"grid": 4}, 1.0, "pretrain.rpl"),  # unknown setting
+])
+def test_bad_config_names_the_key(block, width, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        RPLViews.settings(block, fx.CUBE, width, "pretrain.rpl")
+    assert RPLViews.settings({}, fx.CUBE, 0.125, "pretrain.rpl").patch == PATCH
