@@ -29,7 +29,7 @@ from torch import nn
 
 from sar3d.networks import UNet3D
 from sar3d.pretraining.methods import cpc, jigsaw, rotation, rpl
-from sar3d.pretraining.methods.patches import PatchTaskConfig, check_head, scaled
+from sar3d.pretraining.methods.patches import PatchTaskConfig, PretextNet, check_head, scaled
 
 OUT = Path(__file__).resolve().parent / "out" / "taleb_methods.json"
 CUBE = (64, 64, 32)
@@ -42,7 +42,7 @@ def taleb_method(kind: str, width: float) -> tuple[Any, Callable[[nn.Module], nn
         return (rotation.RotationViews(CUBE, cfg.side),
                 lambda u: rotation.RotationHead(u.encoder_channels[-1], cfg.side,
                                                 check_head(cfg.hidden, width, 10, kind)),
-                rotation.rotation_terms)
+                rotation.rotation_loss)
     if kind in ("rpl", "jigsaw"):
         task = PatchTaskConfig()
         n_classes, make_head = (rpl.N_NEIGHBOURS, rpl.rpl_head) if kind == "rpl" else (100, jigsaw.jigsaw_head)
@@ -50,7 +50,7 @@ def taleb_method(kind: str, width: float) -> tuple[Any, Callable[[nn.Module], nn
         return (views,
                 lambda u: make_head(u.encoder_channels[-1], task.patch, scaled(task.embed, width),
                                     check_head(task.hidden, width, n_classes, kind)),
-                rpl.rpl_terms if kind == "rpl" else jigsaw.jigsaw_terms)
+                rpl.rpl_loss if kind == "rpl" else jigsaw.jigsaw_loss)
     cfg = cpc.CPCConfig()
     return (cpc.CPCViews(CUBE, cfg.crop, cfg.patch_crop, cfg.flip),
             lambda u: cpc.CPCHead(u.encoder_channels[-1], [c // cpc.GRID for c in CUBE],
@@ -96,13 +96,13 @@ def taleb_step(kind: str, width: float) -> tuple[Any, Callable[[torch.Tensor, in
     views, build_head, terms = taleb_method(kind, width)
     torch.manual_seed(0)
     unet = UNet3D(width=width)
-    head = build_head(unet)
-    optimizer = torch.optim.SGD([*unet.parameters(), *head.parameters()], lr=0.01, momentum=0.9)
+    net = PretextNet(unet, build_head(unet))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def step(cubes: torch.Tensor, seed: int) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = next(v for k, v in terms(unet, head, views(cubes, torch.Generator().manual_seed(seed))).items()
-                    if k.startswith("loss_"))
+        inputs, target = views(cubes, torch.Generator().manual_seed(seed))
+        loss = next(v for k, v in terms(net(inputs), target).items() if k.startswith("loss_"))
         loss.backward()
         optimizer.step()
 

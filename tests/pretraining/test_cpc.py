@@ -10,7 +10,7 @@ import taleb_fixtures as fx
 import torch
 
 from sar3d.pretraining.methods.cpc import CPCConfig, CPCHead, CPCViews, context_sequence, cpc_targets, cpc_terms
-from sar3d.pretraining.methods.patches import scaled
+from sar3d.pretraining.methods.patches import PretextNet, scaled
 
 CELL = (16, 16, 8)
 
@@ -76,10 +76,11 @@ def test_context_is_the_mirrored_row0_neighbourhood_then_row1_and_never_rows_2_3
 
 def test_cpc_loss_falls_on_phantom_cubes():
     cubes = fx.phantom_cubes()[::8]  # one cube of each of the two volumes
-    views = CPCViews(fx.CUBE)(cubes, torch.Generator().manual_seed(1))
+    patches, negatives = CPCViews(fx.CUBE)(cubes, torch.Generator().manual_seed(1))
     unet = fx.small_unet()
     head = CPCHead(unet.encoder_channels[-1], CELL, scaled(1024, fx.WIDTH), scaled(256, fx.WIDTH))
-    fx.assert_falls(fx.train([unet, head], lambda: cpc_terms(unet, head, views)["loss_cpc"], 24))
+    net = PretextNet(unet, head)
+    fx.assert_falls(fx.train([net], lambda: cpc_terms(net(patches), negatives)["loss_cpc"], 24))
 
 
 @pytest.mark.parametrize(("block", "cube", "width", "key"), [

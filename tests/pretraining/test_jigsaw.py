@@ -13,10 +13,10 @@ from sar3d.pretraining.methods.jigsaw import (
     JigsawViews,
     generate_permutations,
     jigsaw_head,
-    jigsaw_terms,
+    jigsaw_loss,
     load_permutations,
 )
-from sar3d.pretraining.methods.patches import check_head
+from sar3d.pretraining.methods.patches import PretextNet, check_head
 
 PATCH = (16, 16, 8)
 
@@ -55,7 +55,8 @@ def test_jigsaw_loss_falls_on_phantom_cubes():
     patches, labels = JigsawViews(fx.CUBE, PATCH)(cubes, torch.Generator().manual_seed(1))
     unet = fx.small_unet()
     head = jigsaw_head(unet.encoder_channels[-1], PATCH, 32, check_head((2048, 1024), fx.WIDTH, 100, "k"))
-    fx.assert_falls(fx.train([unet, head], lambda: jigsaw_terms(unet, head, (patches, labels))["loss_jig"], 24))
+    net = PretextNet(unet, head)
+    fx.assert_falls(fx.train([net], lambda: jigsaw_loss(net(patches), labels)["loss_jig"], 24))
 
 
 @pytest.mark.parametrize(("block", "width", "key"), [

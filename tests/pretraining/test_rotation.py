@@ -9,13 +9,13 @@ import pytest
 import taleb_fixtures as fx
 import torch
 
-from sar3d.pretraining.methods.patches import check_head
+from sar3d.pretraining.methods.patches import PretextNet, check_head
 from sar3d.pretraining.methods.rotation import (
     N_ROTATIONS,
     RotationConfig,
     RotationHead,
     RotationViews,
-    rotation_terms,
+    rotation_loss,
 )
 
 SIDE = 32
@@ -53,11 +53,11 @@ def test_label_is_the_rotation_applied():
     corners, labels = views.randomize(len(cubes), torch.Generator().manual_seed(3))
     labels = torch.arange(len(cubes)) % N_ROTATIONS  # every class at least once
     out = views.apply(cubes, corners, labels)
-    assert out.shape == (len(cubes), 1, SIDE, SIDE, SIDE)
+    assert out.shape == (len(cubes), 1, 1, SIDE, SIDE, SIDE)
     assert len({m.tobytes() for m in REFERENCE}) == N_ROTATIONS
     for b in range(len(cubes)):
         expected = _reference_view(cubes[b, 0].numpy(), tuple(corners[b, 0].tolist()), REFERENCE[int(labels[b])])
-        np.testing.assert_array_equal(out[b, 0].numpy(), expected)
+        np.testing.assert_array_equal(out[b, 0, 0].numpy(), expected)
 
 
 def test_draws_cover_every_class_and_place_and_repeat_with_the_seed():
@@ -71,7 +71,8 @@ def test_rotation_loss_falls_on_phantom_cubes():
     views, labels = RotationViews(fx.CUBE, SIDE)(cubes, torch.Generator().manual_seed(1))
     unet = fx.small_unet()
     head = RotationHead(unet.encoder_channels[-1], SIDE, check_head((2048, 1024), fx.WIDTH, N_ROTATIONS, "k"))
-    fx.assert_falls(fx.train([unet, head], lambda: rotation_terms(unet, head, (views, labels))["loss_rot"], 24))
+    net = PretextNet(unet, head)
+    fx.assert_falls(fx.train([net], lambda: rotation_loss(net(views), labels)["loss_rot"], 24))
 
 
 @pytest.mark.parametrize(("block", "width", "key"), [

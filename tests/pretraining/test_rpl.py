@@ -8,8 +8,8 @@ import pytest
 import taleb_fixtures as fx
 import torch
 
-from sar3d.pretraining.methods.patches import check_head
-from sar3d.pretraining.methods.rpl import N_NEIGHBOURS, RPLViews, rpl_head, rpl_terms
+from sar3d.pretraining.methods.patches import PretextNet, check_head
+from sar3d.pretraining.methods.rpl import N_NEIGHBOURS, RPLViews, rpl_head, rpl_loss
 
 PATCH = (16, 16, 8)
 # the reference's own label order: offsets of the 26 neighbours, raster order (z fastest), centre left out
@@ -42,7 +42,8 @@ def test_rpl_loss_falls_on_phantom_cubes():
     patches, labels = RPLViews(fx.CUBE, PATCH)(cubes, torch.Generator().manual_seed(1))
     unet = fx.small_unet()
     head = rpl_head(unet.encoder_channels[-1], PATCH, 32, check_head((2048, 1024), fx.WIDTH, N_NEIGHBOURS, "k"))
-    fx.assert_falls(fx.train([unet, head], lambda: rpl_terms(unet, head, (patches, labels))["loss_rpl"], 24))
+    net = PretextNet(unet, head)
+    fx.assert_falls(fx.train([net], lambda: rpl_loss(net(patches), labels)["loss_rpl"], 24))
 
 
 @pytest.mark.parametrize(("block", "width", "key"), [

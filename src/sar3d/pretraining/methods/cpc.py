@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sar3d.pretraining.methods.patches import (
+    POOLINGS,
     GridCut,
     PatchEmbedding,
-    check_patch,
-    encode_patches,
+    SettingError,
     gather_boxes,
     read_block,
     scaled,
@@ -56,17 +56,18 @@ class CPCConfig:
     def from_config(cls, block: Mapping[str, Any], cube: Sequence[int], width: float, key: str) -> CPCConfig:
         """Read and check a config block; errors name ``key`` (e.g. ``pretrain.cpc``) or ``cubes.size``."""
         cfg = read_block(cls, block, key)
-        if any(c % GRID for c in cube):
-            raise ValueError(f"{key}: cubes.size {list(cube)} does not split into a {GRID}x{GRID}x{GRID} grid")
-        check_patch([c // GRID for c in cube], cube, (GRID,) * 3, f"{key} (cells of cubes.size / {GRID})")
+        side = GRID * 2**POOLINGS
+        if any(c % side for c in cube):
+            raise SettingError(key, f"cubes.size {list(cube)} must split into {GRID}x{GRID}x{GRID} cells whose "
+                                    f"sides survive three poolings: every side a multiple of {side}")
         for name in ("crop", "patch_crop"):
             if not 0.5 <= getattr(cfg, name) <= 1.0:
-                raise ValueError(f"{key}.{name} must lie in [0.5, 1], got {getattr(cfg, name)}")
+                raise SettingError(f"{key}.{name}", f"must lie in [0.5, 1], got {getattr(cfg, name)}")
         if not 0.0 <= cfg.flip <= 1.0:
-            raise ValueError(f"{key}.flip must lie in [0, 1], got {cfg.flip}")
+            raise SettingError(f"{key}.flip", f"must lie in [0, 1], got {cfg.flip}")
         if scaled(cfg.code, width) < 2 or scaled(cfg.context, width) < 2:
-            raise ValueError(f"{key}: code {cfg.code} / context {cfg.context} scaled by pretrain.width={width} "
-                             "leave fewer than 2 units")
+            raise SettingError(key, f"code {cfg.code} / context {cfg.context} scaled by pretrain.width={width} "
+                                    "leave fewer than 2 units")
         return cfg
 
 
@@ -179,10 +180,9 @@ class CPCHead(nn.Module):
         return predictions.reshape(b, N_COLUMNS, -1, d), codes
 
 
-def cpc_terms(unet: nn.Module, head: CPCHead, views: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-    """Forward pass and loss of one batch of :class:`CPCViews` output."""
-    patches, negatives = views
-    predictions, codes = head(encode_patches(unet, patches))
+def cpc_terms(outputs: tuple[Tensor, Tensor], negatives: Tensor) -> dict[str, Tensor]:
+    """The loss terms of :class:`CPCHead` outputs ``(predictions, codes)`` with :class:`CPCViews`' negatives."""
+    predictions, codes = outputs
     return cpc_loss(predictions, *cpc_targets(codes, negatives))
 
 

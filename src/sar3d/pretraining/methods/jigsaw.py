@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier, classify_patches
+from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier, classification_loss
 
 __all__ = [
     "PERMUTATIONS_FILE",
@@ -28,7 +28,7 @@ __all__ = [
     "JigsawViews",
     "generate_permutations",
     "jigsaw_head",
-    "jigsaw_terms",
+    "jigsaw_loss",
     "load_permutations",
 ]
 
@@ -92,7 +92,7 @@ def jigsaw_head(channels: int, patch: Sequence[int], embed: int, hidden: Sequenc
     return PatchClassifier(channels, patch, N_PATCHES, n_permutations, embed, hidden, dropout)
 
 
-def jigsaw_terms(unet: nn.Module, head: nn.Module, views: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-    """Forward pass and loss of one batch of :class:`JigsawViews` output: ``loss_jig``, ``acc_jig``."""
-    loss, acc = classify_patches(unet, head, views)
+def jigsaw_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Softmax cross-entropy over the permutations (``loss_jig``) and accuracy (``acc_jig``)."""
+    loss, acc = classification_loss(logits, labels)
     return {"loss_jig": loss, "acc_jig": acc}

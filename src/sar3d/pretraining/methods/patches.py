@@ -30,10 +30,11 @@ __all__ = [
     "PatchClassifier",
     "PatchEmbedding",
     "PatchTaskConfig",
+    "PretextNet",
+    "SettingError",
     "check_head",
     "check_patch",
     "classification_loss",
-    "classify_patches",
     "deepest_size",
     "encode_patches",
     "gather_boxes",
@@ -49,12 +50,21 @@ Size3 = tuple[int, int, int]
 ConfigT = TypeVar("ConfigT")
 
 
+class SettingError(ValueError):
+    """A method setting that cannot work; ``key`` is its config path (e.g. ``pretrain.methods.rpl.patch``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
 def read_block(cls: type[ConfigT], block: Mapping[str, Any], key: str) -> ConfigT:
     """A method's settings dataclass from its config block (lists become tuples); unknown keys name ``key``."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(block) - known)
     if unknown:
-        raise ValueError(f"{key}: unknown setting(s) {unknown} (known: {sorted(known)})")
+        raise SettingError(key, f"unknown setting(s) {unknown} (known: {sorted(known)})")
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in block.items()})
 
 
@@ -73,11 +83,11 @@ def check_patch(patch: Sequence[int], cube: Sequence[int], grid: Sequence[int], 
     patch = tuple(int(p) for p in patch)
     stride = 2**POOLINGS
     if len(patch) != 3 or any(p < stride or p % stride for p in patch):
-        raise ValueError(f"{key}: every patch side must be a positive multiple of {stride} "
-                         f"(three 2x poolings), got {list(patch)}")
+        raise SettingError(key, f"every patch side must be a positive multiple of {stride} "
+                                f"(three 2x poolings), got {list(patch)}")
     if any(g * p > c for g, p, c in zip(grid, patch, cube, strict=True)):
-        raise ValueError(f"{key}: a {list(grid)} grid of {list(patch)} patches does not fit "
-                         f"the {list(cube)} cube (cubes.size)")
+        raise SettingError(key, f"a {list(grid)} grid of {list(patch)} patches does not fit "
+                                f"the {list(cube)} cube (cubes.size)")
     return patch  # type: ignore[return-value]
 
 
@@ -291,10 +301,20 @@ class PatchClassifier(nn.Module):
         return self.mlp(self.embedding(features, self.n_patches))
 
 
-def classify_patches(unet: nn.Module, head: nn.Module, views: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Cross-entropy and accuracy of a :class:`PatchClassifier` on ``(patches (B, N, C, *patch), labels)``."""
-    patches, labels = views
-    return classification_loss(head(encode_patches(unet, patches)), labels)
+class PretextNet(nn.Module):
+    """The shared U-Net's encoder and a pretext head as one module: views ``(B, N, C, *size)`` → head outputs.
+
+    Why one module: ``DistributedDataParallel`` synchronises the gradients of
+    what runs through the wrapped module's ``forward``, encoder and head alike.
+    """
+
+    def __init__(self, unet: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.head = head
+
+    def forward(self, views: Tensor) -> Any:
+        return self.head(encode_patches(self.unet, views))
 
 
 def check_head(hidden: Sequence[int], width: float, n_classes: int, key: str) -> list[int]:
@@ -305,8 +325,8 @@ def check_head(hidden: Sequence[int], width: float, n_classes: int, key: str) ->
     """
     out = [scaled(int(h), width) for h in hidden]
     if not out or min(out) < n_classes:
-        raise ValueError(f"{key}: hidden widths {list(hidden)} scaled by pretrain.width={width} give {out}, "
-                         f"narrower than the {n_classes} classes of the head")
+        raise SettingError(key, f"hidden widths {list(hidden)} scaled by pretrain.width={width} give {out}, "
+                                f"narrower than the {n_classes} classes of the head")
     return out
 
 

@@ -34,7 +34,6 @@ __all__ = [
     "RotationViews",
     "rotate",
     "rotation_loss",
-    "rotation_terms",
 ]
 
 N_ROTATIONS = 10
@@ -101,10 +100,11 @@ class RotationViews:
         return corners, labels
 
     def apply(self, cubes: Tensor, corners: Tensor, labels: Tensor) -> Tensor:
-        return rotate(gather_boxes(cubes, corners, (self.side,) * 3)[:, 0], labels)
+        """One view per cube ``(B, 1, C, s, s, s)``, the layout of the patch methods' views."""
+        return rotate(gather_boxes(cubes, corners, (self.side,) * 3)[:, 0], labels)[:, None]
 
     def __call__(self, cubes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``(views (B, C, s, s, s), labels (B,))``."""
+        """``(views (B, 1, C, s, s, s), labels (B,))``."""
         corners, labels = self.randomize(cubes.shape[0], generator)
         return self.apply(cubes, corners, labels), labels
 
@@ -126,12 +126,6 @@ class RotationHead(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         return self.mlp(features[-1])
-
-
-def rotation_terms(unet: nn.Module, head: RotationHead, views: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-    """Forward pass and loss of one batch of :class:`RotationViews` output."""
-    images, labels = views
-    return rotation_loss(head(unet.encode(images)), labels)
 
 
 def rotation_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:

@@ -14,11 +14,11 @@ import itertools
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier, classify_patches
+from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier, classification_loss
 
-__all__ = ["GRID", "N_NEIGHBOURS", "OFFSETS", "RPLViews", "rpl_head", "rpl_terms"]
+__all__ = ["GRID", "N_NEIGHBOURS", "OFFSETS", "RPLViews", "rpl_head", "rpl_loss"]
 
 GRID = (3, 3, 3)
 CENTRE = 13
@@ -48,7 +48,7 @@ def rpl_head(channels: int, patch: Sequence[int], embed: int, hidden: Sequence[i
     return PatchClassifier(channels, patch, 2, N_NEIGHBOURS, embed, hidden, dropout)
 
 
-def rpl_terms(unet: nn.Module, head: nn.Module, views: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-    """Forward pass and loss of one batch of :class:`RPLViews` output: ``loss_rpl``, ``acc_rpl``."""
-    loss, acc = classify_patches(unet, head, views)
+def rpl_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Softmax cross-entropy over the 26 neighbour positions (``loss_rpl``) and accuracy (``acc_rpl``)."""
+    loss, acc = classification_loss(logits, labels)
     return {"loss_rpl": loss, "acc_rpl": acc}
