@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import taleb_fixtures as fx
 import torch
 
-from sar3d.pretraining.methods.cpc import CPCConfig, CPCHead, CPCViews, context_sequence, cpc_targets, cpc_terms
+from sar3d.pretraining.methods.cpc import CPCHead, CPCViews, context_sequence, cpc_targets, cpc_terms
 from sar3d.pretraining.methods.patches import PretextNet, scaled
 
 CELL = (16, 16, 8)
@@ -83,14 +84,20 @@ def test_cpc_loss_falls_on_phantom_cubes():
     fx.assert_falls(fx.train([net], lambda: cpc_terms(net(patches), negatives)["loss_cpc"], 24))
 
 
-@pytest.mark.parametrize(("block", "cube", "width", "key"), [
-    ({}, (64, 64, 30), 1.0, "pretrain.cpc"),  # 30 does not split into 4
-    ({}, (64, 64, 16), 1.0, "pretrain.cpc"),  # cells of 4 cannot pass three poolings
-    ({"crop": 0.3}, fx.CUBE, 1.0, "pretrain.cpc.crop"),
-    ({"context": 4}, fx.CUBE, 0.125, "pretrain.cpc"),  # 4 x 0.125 leaves less than 2 GRU units
-    ({"negatives": 3}, fx.CUBE, 1.0, "pretrain.cpc"),  # unknown setting
-])
-def test_bad_config_names_the_key(block, cube, width, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        CPCConfig.from_config(block, cube, width, "pretrain.cpc")
-    assert CPCConfig.from_config({}, fx.CUBE, 0.125, "pretrain.cpc").code == 1024
+BAD_CONFIG = [
+    ({"cubes": {"size": [64, 64, 48]}}, "pretrain.methods.cpc"),  # 48 does not split into 4 cells of 8k
+    ({"cubes": {"size": [64, 64, 16]}}, "pretrain.methods.cpc"),  # cells of 4 cannot pass three poolings
+    ({"methods": {"cpc": {"crop": 0.3}}}, "pretrain.methods.cpc.crop"),
+    ({"methods": {"cpc": {"context": 4}}}, "pretrain.methods.cpc"),  # 4 x 0.125 leaves less than 2 GRU units
+    ({"methods": {"cpc": {"negatives": 3}}}, "pretrain.methods.cpc"),  # unknown setting
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_CONFIG)
+def test_bad_config_fails_at_validation_naming_the_key(overrides, key):
+    assert f"config key '{key}'" in fx.config_error(**overrides)
+
+
+def test_pretrains_through_the_run_loop_and_fine_tunes_with_a_fresh_decoder(tmp_path):
+    history = fx.assert_pretrains_and_hands_over_the_encoder_only("cpc", tmp_path)
+    assert all(np.isfinite(h["train/loss_cpc"]) and np.isfinite(h["val/objective"]) for h in history)

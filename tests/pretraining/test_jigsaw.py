@@ -59,13 +59,19 @@ def test_jigsaw_loss_falls_on_phantom_cubes():
     fx.assert_falls(fx.train([net], lambda: jigsaw_loss(net(patches), labels)["loss_jig"], 24))
 
 
-@pytest.mark.parametrize(("block", "width", "key"), [
-    ({"patch": [12, 16, 8]}, 1.0, "pretrain.jigsaw.patch"),  # 12 is not a multiple of 8
-    ({"patch": [16, 16, 16]}, 1.0, "pretrain.jigsaw.patch"),  # 3 x 16 > 32
-    ({}, 0.04, "pretrain.jigsaw.hidden"),  # 1024 x 0.04 = 41 < 100 permutations
-    ({"permutations": 1000}, 1.0, "pretrain.jigsaw"),  # unknown setting
-])
-def test_bad_config_names_the_key(block, width, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        JigsawViews.settings(block, fx.CUBE, width, "pretrain.jigsaw")
-    assert JigsawViews.settings({}, fx.CUBE, 0.125, "pretrain.jigsaw").patch == PATCH
+BAD_CONFIG = [
+    ({"methods": {"jigsaw": {"patch": [12, 16, 8]}}}, "pretrain.methods.jigsaw.patch"),  # 12: not a multiple of 8
+    ({"methods": {"jigsaw": {"patch": [16, 16, 16]}}}, "pretrain.methods.jigsaw.patch"),  # 3 x 16 > 32
+    ({"width": 0.04}, "pretrain.methods.jigsaw.hidden"),  # 1024 x 0.04 = 41 < 100 permutations
+    ({"methods": {"jigsaw": {"permutations": 1000}}}, "pretrain.methods.jigsaw"),  # unknown setting
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_CONFIG)
+def test_bad_config_fails_at_validation_naming_the_key(overrides, key):
+    assert f"config key '{key}'" in fx.config_error(**overrides)
+
+
+def test_pretrains_through_the_run_loop_and_fine_tunes_with_a_fresh_decoder(tmp_path):
+    history = fx.assert_pretrains_and_hands_over_the_encoder_only("jigsaw", tmp_path)
+    assert all(np.isfinite(h["train/loss_jig"]) and np.isfinite(h["val/objective"]) for h in history)

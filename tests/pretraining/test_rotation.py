@@ -12,7 +12,6 @@ import torch
 from sar3d.pretraining.methods.patches import PretextNet, check_head
 from sar3d.pretraining.methods.rotation import (
     N_ROTATIONS,
-    RotationConfig,
     RotationHead,
     RotationViews,
     rotation_loss,
@@ -75,13 +74,20 @@ def test_rotation_loss_falls_on_phantom_cubes():
     fx.assert_falls(fx.train([net], lambda: rotation_loss(net(views), labels)["loss_rot"], 24))
 
 
-@pytest.mark.parametrize(("block", "width", "key"), [
-    ({"side": 20}, 1.0, "pretrain.rotation.side"),  # not a multiple of 8
-    ({"side": 40}, 1.0, "pretrain.rotation.side"),  # larger than the 32-voxel axis
-    ({}, 0.004, "pretrain.rotation.hidden"),  # 2048 x 0.004 = 8 < 10 classes
-    ({"angle": 90}, 1.0, "pretrain.rotation"),  # unknown setting
-])
-def test_bad_config_names_the_key(block, width, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        RotationConfig.from_config(block, fx.CUBE, width, "pretrain.rotation")
-    assert RotationConfig.from_config({}, fx.CUBE, 0.125, "pretrain.rotation").side == SIDE
+BAD_CONFIG = [
+    ({"methods": {"rotation": {"side": 20}}}, "pretrain.methods.rotation.side"),  # not a multiple of 8
+    ({"methods": {"rotation": {"side": 40}}}, "pretrain.methods.rotation.side"),  # beyond the 32-voxel axis
+    ({"width": 0.004}, "pretrain.methods.rotation.hidden"),  # 2048 x 0.004 = 8 < 10 classes
+    ({"methods": {"rotation": {"kind": "rotate3d"}}}, "pretrain.methods.rotation.kind"),  # unknown method
+    ({"methods": {"rotation": {"angle": 90}}}, "pretrain.methods.rotation"),  # unknown setting
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_CONFIG)
+def test_bad_config_fails_at_validation_naming_the_key(overrides, key):
+    assert f"config key '{key}'" in fx.config_error(**overrides)
+
+
+def test_pretrains_through_the_run_loop_and_fine_tunes_with_a_fresh_decoder(tmp_path):
+    history = fx.assert_pretrains_and_hands_over_the_encoder_only("rotation", tmp_path)
+    assert all(np.isfinite(h["train/loss_rot"]) and np.isfinite(h["val/objective"]) for h in history)

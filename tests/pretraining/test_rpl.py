@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import taleb_fixtures as fx
 import torch
@@ -46,13 +47,19 @@ def test_rpl_loss_falls_on_phantom_cubes():
     fx.assert_falls(fx.train([net], lambda: rpl_loss(net(patches), labels)["loss_rpl"], 24))
 
 
-@pytest.mark.parametrize(("block", "width", "key"), [
-    ({"patch": [16, 16, 4]}, 1.0, "pretrain.rpl.patch"),  # 4 cannot pass three poolings
-    ({"patch": [24, 24, 8]}, 1.0, "pretrain.rpl.patch"),  # 3 x 24 > 64
-    ({"hidden": [2048, 16]}, 1.0, "pretrain.rpl.hidden"),  # narrower than 26 classes
-    ({"grid": 4}, 1.0, "pretrain.rpl"),  # unknown setting
-])
-def test_bad_config_names_the_key(block, width, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        RPLViews.settings(block, fx.CUBE, width, "pretrain.rpl")
-    assert RPLViews.settings({}, fx.CUBE, 0.125, "pretrain.rpl").patch == PATCH
+BAD_CONFIG = [
+    ({"methods": {"rpl": {"patch": [16, 16, 4]}}}, "pretrain.methods.rpl.patch"),  # 4 cannot pass 3 poolings
+    ({"methods": {"rpl": {"patch": [24, 24, 8]}}}, "pretrain.methods.rpl.patch"),  # 3 x 24 > 64
+    ({"methods": {"rpl": {"hidden": [2048, 16]}}, "width": 1.0}, "pretrain.methods.rpl.hidden"),  # < 26 classes
+    ({"methods": {"rpl": {"kind": "rpl3d"}}}, "pretrain.methods.rpl.kind"),  # unknown method
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_CONFIG)
+def test_bad_config_fails_at_validation_naming_the_key(overrides, key):
+    assert f"config key '{key}'" in fx.config_error(**overrides)
+
+
+def test_pretrains_through_the_run_loop_and_fine_tunes_with_a_fresh_decoder(tmp_path):
+    history = fx.assert_pretrains_and_hands_over_the_encoder_only("rpl", tmp_path)
+    assert all(np.isfinite(h["train/loss_rpl"]) and np.isfinite(h["val/objective"]) for h in history)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,25 @@ from sar3d.pretraining.methods.patches import (
     POOLINGS,
     GridCut,
     PatchEmbedding,
+    PretextMethod,
     SettingError,
     gather_boxes,
     read_block,
     scaled,
 )
+from sar3d.pretraining.registry import register
 
-__all__ = ["GRID", "CPCConfig", "CPCHead", "CPCViews", "context_sequence", "cpc_loss", "cpc_targets", "cpc_terms"]
+__all__ = [
+    "GRID",
+    "CPCConfig",
+    "CPCHead",
+    "CPCViews",
+    "ContrastivePredictiveCoding",
+    "context_sequence",
+    "cpc_loss",
+    "cpc_targets",
+    "cpc_terms",
+]
 
 GRID = 4
 CONTEXT_ROWS = 2
@@ -194,3 +206,37 @@ def cpc_loss(predictions: Tensor, positives: Tensor, negatives: Tensor) -> dict[
     labels = torch.cat((torch.ones_like(pos.reshape(-1)), torch.zeros_like(neg.reshape(-1))))
     loss = F.binary_cross_entropy_with_logits(logits, labels)
     return {"loss_cpc": loss, "acc_cpc": ((logits.detach() > 0).float() == labels).float().mean()}
+
+
+def _fraction(default: float, low: float, what: str) -> dict[str, Any]:
+    return {"type": "number", "minimum": low, "maximum": 1, "default": default, "description": what}
+
+
+@register
+class ContrastivePredictiveCoding(PretextMethod):
+    """3D-CPC on the shared encoder; fine-tuning receives the encoder only."""
+
+    kind = "cpc"
+    display = "3D-CPC"
+    rank = 50.0
+    block_schema: ClassVar[dict[str, Any]] = {
+        "crop": _fraction(0.95, 0.5, "Fraction of each cube side kept by the shifting crop."),
+        "patch_crop": _fraction(0.875, 0.5, "Fraction of each patch side kept (the rest is zeroed)."),
+        "flip": _fraction(0.5, 0.0, "Probability of flipping a patch along x."),
+        "code": {"type": "integer", "minimum": 1, "default": 1024,
+                 "description": "Patch code width at U-Net width 1 (scaled by pretrain.width)."},
+        "context": {"type": "integer", "minimum": 1, "default": 256,
+                    "description": "GRU width at U-Net width 1 (scaled by pretrain.width)."},
+    }
+    read = staticmethod(CPCConfig.from_config)
+    term = "loss_cpc"
+
+    def build_views(self) -> CPCViews:
+        return CPCViews(self.cube, self.task.crop, self.task.patch_crop, self.task.flip)
+
+    def build_head(self, channels: int) -> nn.Module:
+        cell = [c // GRID for c in self.cube]
+        return CPCHead(channels, cell, self.scaled(self.task.code), self.scaled(self.task.context))
+
+    def terms(self, outputs: Any, target: Tensor) -> dict[str, Tensor]:
+        return cpc_terms(outputs, target)

@@ -15,16 +15,25 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier, classification_loss
+from sar3d.pretraining import losses
+from sar3d.pretraining.methods.patches import (
+    PATCH_TASK_SCHEMA,
+    GridTaskViews,
+    PatchClassifier,
+    PretextMethod,
+)
+from sar3d.pretraining.registry import register
 
 __all__ = [
     "PERMUTATIONS_FILE",
     "PERMUTATION_SEED",
+    "Jigsaw",
     "JigsawViews",
     "generate_permutations",
     "jigsaw_head",
@@ -94,5 +103,27 @@ def jigsaw_head(channels: int, patch: Sequence[int], embed: int, hidden: Sequenc
 
 def jigsaw_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """Softmax cross-entropy over the permutations (``loss_jig``) and accuracy (``acc_jig``)."""
-    loss, acc = classification_loss(logits, labels)
+    loss, acc = losses.classification(logits, labels)
     return {"loss_jig": loss, "acc_jig": acc}
+
+
+@register
+class Jigsaw(PretextMethod):
+    """3D-Jig on the shared encoder; fine-tuning receives the encoder only."""
+
+    kind = "jigsaw"
+    display = "3D-Jig"
+    rank = 30.0
+    block_schema: ClassVar[dict[str, Any]] = PATCH_TASK_SCHEMA
+    read = staticmethod(JigsawViews.settings)
+    term = "loss_jig"
+
+    def build_views(self) -> JigsawViews:
+        return JigsawViews(self.cube, self.task.patch, self.task.jitter)
+
+    def build_head(self, channels: int) -> nn.Module:
+        return jigsaw_head(channels, self.task.patch, self.scaled(self.task.embed), self.hidden(),
+                        dropout=self.task.dropout)
+
+    def terms(self, outputs: Tensor, target: Tensor) -> dict[str, Tensor]:
+        return jigsaw_loss(outputs, target)

@@ -12,23 +12,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from sar3d.pretraining import losses
 from sar3d.pretraining.methods.patches import (
+    HEAD_SCHEMA,
     MLPHead,
+    PretextMethod,
     check_head,
     check_patch,
-    classification_loss,
     deepest_size,
     gather_boxes,
     read_block,
 )
+from sar3d.pretraining.registry import register
 
 __all__ = [
     "N_ROTATIONS",
+    "Rotation",
     "RotationConfig",
     "RotationHead",
     "RotationViews",
@@ -130,5 +134,30 @@ class RotationHead(nn.Module):
 
 def rotation_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """Softmax cross-entropy over the 10 rotations (``loss_rot``) and accuracy (``acc_rot``)."""
-    loss, acc = classification_loss(logits, labels)
+    loss, acc = losses.classification(logits, labels)
     return {"loss_rot": loss, "acc_rot": acc}
+
+
+@register
+class Rotation(PretextMethod):
+    """3D-Rot on the shared encoder; fine-tuning receives the encoder only."""
+
+    kind = "rotation"
+    display = "3D-Rot"
+    rank = 40.0
+    block_schema: ClassVar[dict[str, Any]] = {
+        "side": {"type": "integer", "minimum": 1, "default": 32,
+                 "description": "Side of the cubic view: a multiple of 8, at most the shortest side of cubes.size."},
+        **HEAD_SCHEMA,
+    }
+    read = staticmethod(RotationConfig.from_config)
+    term = "loss_rot"
+
+    def build_views(self) -> RotationViews:
+        return RotationViews(self.cube, self.task.side)
+
+    def build_head(self, channels: int) -> nn.Module:
+        return RotationHead(channels, self.task.side, self.hidden(), self.task.dropout)
+
+    def terms(self, outputs: Tensor, target: Tensor) -> dict[str, Tensor]:
+        return rotation_loss(outputs, target)

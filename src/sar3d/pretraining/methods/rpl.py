@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier, classification_loss
+from sar3d.pretraining import losses
+from sar3d.pretraining.methods.patches import (
+    PATCH_TASK_SCHEMA,
+    GridTaskViews,
+    PatchClassifier,
+    PretextMethod,
+)
+from sar3d.pretraining.registry import register
 
-__all__ = ["GRID", "N_NEIGHBOURS", "OFFSETS", "RPLViews", "rpl_head", "rpl_loss"]
+__all__ = ["GRID", "N_NEIGHBOURS", "OFFSETS", "RPLViews", "RelativePatchLocation", "rpl_head", "rpl_loss"]
 
 GRID = (3, 3, 3)
 CENTRE = 13
@@ -50,5 +58,27 @@ def rpl_head(channels: int, patch: Sequence[int], embed: int, hidden: Sequence[i
 
 def rpl_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """Softmax cross-entropy over the 26 neighbour positions (``loss_rpl``) and accuracy (``acc_rpl``)."""
-    loss, acc = classification_loss(logits, labels)
+    loss, acc = losses.classification(logits, labels)
     return {"loss_rpl": loss, "acc_rpl": acc}
+
+
+@register
+class RelativePatchLocation(PretextMethod):
+    """3D-RPL on the shared encoder; fine-tuning receives the encoder only."""
+
+    kind = "rpl"
+    display = "3D-RPL"
+    rank = 20.0
+    block_schema: ClassVar[dict[str, Any]] = PATCH_TASK_SCHEMA
+    read = staticmethod(RPLViews.settings)
+    term = "loss_rpl"
+
+    def build_views(self) -> RPLViews:
+        return RPLViews(self.cube, self.task.patch, self.task.jitter)
+
+    def build_head(self, channels: int) -> nn.Module:
+        return rpl_head(channels, self.task.patch, self.scaled(self.task.embed), self.hidden(),
+                        dropout=self.task.dropout)
+
+    def terms(self, outputs: Tensor, target: Tensor) -> dict[str, Tensor]:
+        return rpl_loss(outputs, target)
