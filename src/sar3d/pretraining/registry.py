@@ -23,6 +23,10 @@ from sar3d.schema import ConfigError, fill_defaults, key_path
 METHOD_MODULES = (
     "sar3d.pretraining.methods.genesis",
     "sar3d.pretraining.methods.sar",
+    "sar3d.pretraining.methods.rpl",
+    "sar3d.pretraining.methods.jigsaw",
+    "sar3d.pretraining.methods.rotation",
+    "sar3d.pretraining.methods.cpc",
 )
 SCRATCH = "scratch"  # the init without pre-training
 
