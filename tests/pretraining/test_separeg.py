@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import peers_fixtures as fx
 import pytest
 import torch
 
 from sar3d.io import InputDataError
 from sar3d.networks import UNet3D
-from sar3d.normalise import minmax_to_unit
-from sar3d.phantom import generate_case
 from sar3d.pretraining.methods.separeg import (
     RandomGaussianBlur3d,
     RegionViews,
@@ -36,30 +34,12 @@ from sar3d.pretraining.methods.separeg_regions import (
 SMALL = (32, 32, 16)  # half-size crops keep the training tests cheap on a shared CPU
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: OpenMP threads spinning on a shared 2-core machine slow small nets ~20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def phantom(kind: str, index: int) -> tuple[np.ndarray, tuple[float, float, float]]:
-    image, _, affine = generate_case(kind, 20210806, index)
-    if image.ndim == 4:
-        image = image[..., 0]
-    low, high = (-1000.0, 1000.0) if kind.endswith("_ct") else (0.0, float(np.percentile(image, 99.5)))
-    spacing = tuple(float(v) for v in np.abs(np.diag(affine))[:3])
-    return minmax_to_unit(image.astype(np.float32), low, high, [0.0, 99.5]), spacing
-
-
 @pytest.fixture(scope="module")
 def separated() -> list[tuple[np.ndarray, Regions]]:
     cfg = RegionConfig(out_size=SMALL)
     out = []
     for kind, index in (("chest_ct", 0), ("liver_ct", 0), ("brain_mri", 0)):
-        volume, spacing = phantom(kind, index)
+        volume, spacing = fx.phantom_volume(kind, index)
         out.append((volume, compute_regions(volume, spacing, cfg, source=f"{kind}_{index}")))
     return out
 
@@ -163,8 +143,13 @@ def view_similarity(branch: SiameseBranch, crops: torch.Tensor, seed: int) -> tu
 
 
 def test_two_views_of_a_region_end_closer_than_views_of_different_regions(
-    separated: list[tuple[np.ndarray, Regions]], one_thread: None
+    separated: list[tuple[np.ndarray, Regions]]
 ) -> None:
+    with fx.one_thread():
+        check_views_end_closer(separated)
+
+
+def check_views_end_closer(separated: list[tuple[np.ndarray, Regions]]) -> None:
     torch.manual_seed(0)
     branch = SiameseBranch(UNet3D(1, 1, width=0.125), hidden=64, out=32)
     optimiser = torch.optim.SGD(branch.parameters(), lr=0.05, momentum=0.9)
@@ -181,7 +166,12 @@ def test_two_views_of_a_region_end_closer_than_views_of_different_regions(
     assert same > other + 0.05, (same, other)
 
 
-def test_distillation_moves_only_the_student(separated: list[tuple[np.ndarray, Regions]], one_thread: None) -> None:
+def test_distillation_moves_only_the_student(separated: list[tuple[np.ndarray, Regions]]) -> None:
+    with fx.one_thread():
+        check_distillation(separated)
+
+
+def check_distillation(separated: list[tuple[np.ndarray, Regions]]) -> None:
     torch.manual_seed(0)
     shared = SiameseBranch(UNet3D(1, 1, width=0.125), hidden=32, out=16)
     crops = region_batch(separated, 4)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
+import peers_fixtures as fx
 import pytest
 import torch
 
 from sar3d.cubes import resize_crops
 from sar3d.networks import UNet3D
-from sar3d.normalise import minmax_to_unit
-from sar3d.phantom import generate_case
 from sar3d.pretraining.methods.vectorpose import (
     BoundaryTarget,
     ConstantPaint,
@@ -178,19 +176,9 @@ def test_constant_paint_fills_one_value_per_cube() -> None:
     assert torch.equal(untouched, cubes)
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: OpenMP threads spinning on a shared 2-core machine made a 7 s test take 4 min."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def phantom_volume() -> np.ndarray:
-    image, _, _ = generate_case("chest_ct", 20210806, 0)
-    return minmax_to_unit(image.astype(np.float32), -1000.0, 1000.0, [0.0, 99.5])
+    return fx.phantom_volume("chest_ct")[0]
 
 
 def test_views_are_deterministic_and_well_formed(phantom_volume: np.ndarray) -> None:
@@ -214,7 +202,12 @@ def test_config_rejects_unknown_keys_naming_the_block() -> None:
     assert cfg.corruption.paint_rate == 0.5 and cfg.corruption.flip_rate == 0.0
 
 
-def test_losses_fall_over_a_few_dozen_steps(phantom_volume: np.ndarray, one_thread: None) -> None:
+def test_losses_fall_over_a_few_dozen_steps(phantom_volume: np.ndarray) -> None:
+    with fx.one_thread():
+        check_losses_fall(phantom_volume)
+
+
+def check_losses_fall(phantom_volume: np.ndarray) -> None:
     torch.manual_seed(0)
     # half-size views keep the test cheap on a shared CPU (the geometry does not depend on the size)
     batch = VectorPoseViews(replace(VectorPoseConfig(), out_size=(32, 32, 16), max_tries=3))(
