@@ -46,7 +46,7 @@ __all__ = [
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
-    return low + (high - low) * torch.rand((n,), generator=generator)
+    return low + (high - low) * torch.rand((n,), generator=generator, device=generator.device)
 
 
 class RandomResizedCrop3d:
@@ -60,13 +60,14 @@ class RandomResizedCrop3d:
         self.side_range = side_range
 
     def randomize(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        sides = self.side_range[0] + (self.side_range[1] - self.side_range[0]) * torch.rand((n, 3), generator=generator)
-        centres = (1.0 - sides) * (2.0 * torch.rand((n, 3), generator=generator) - 1.0)
+        low, high = self.side_range
+        sides = low + (high - low) * torch.rand((n, 3), generator=generator, device=generator.device)
+        centres = (1.0 - sides) * (2.0 * torch.rand((n, 3), generator=generator, device=generator.device) - 1.0)
         return sides, centres
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         sides, centres = self.randomize(x.shape[0], generator)
-        theta = torch.zeros((x.shape[0], 3, 4), dtype=x.dtype)
+        theta = torch.zeros((x.shape[0], 3, 4), dtype=x.dtype, device=x.device)
         # affine_grid's coordinates run over the axes in reverse order (last axis first)
         theta[:, [0, 1, 2], [0, 1, 2]] = sides.flip(1).to(x.dtype)
         theta[:, :, 3] = centres.flip(1).to(x.dtype)
@@ -89,7 +90,7 @@ class RandomIntensityJitter:
         self.prob = prob
 
     def randomize(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        apply = torch.rand((n,), generator=generator) < self.prob
+        apply = torch.rand((n,), generator=generator, device=generator.device) < self.prob
         return (apply, _uniform(n, 1 - self.brightness, 1 + self.brightness, generator),
                 _uniform(n, 1 - self.contrast, 1 + self.contrast, generator))
 
@@ -118,14 +119,14 @@ class RandomGaussianBlur3d:
         self.prob = prob
 
     def randomize(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        apply = torch.rand((n,), generator=generator) < self.prob
+        apply = torch.rand((n,), generator=generator, device=generator.device) < self.prob
         return apply, _uniform(n, *self.sigma_range, generator)
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         apply, sigma = self.randomize(x.shape[0], generator)
         n, c = x.shape[:2]
         half = self.kernel_size // 2
-        offsets = torch.arange(-half, half + 1, dtype=x.dtype)
+        offsets = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
         kernels = torch.exp(-0.5 * (offsets[None] / sigma[:, None].to(x.dtype)) ** 2)
         kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one kernel per (crop, channel)
         out = x.reshape(1, n * c, *x.shape[2:])

@@ -146,7 +146,7 @@ class RandomVectorCrop:
 
     def randomize(self, volume_shape: Sequence[int], generator: torch.Generator) -> CropDraw:
         lo, hi = self.cfg.scale_range
-        scale = lo + (hi - lo) * float(torch.rand((), generator=generator))
+        scale = lo + (hi - lo) * float(torch.rand((), generator=generator, device=generator.device))
         orientation = sample_orientation(generator, self.cfg.flip_rate, self.cfg.turn_choices)
         extent = orientation.source_shape([scale * s for s in self.cfg.out_size])
         return CropDraw(sample_box(volume_shape, extent, generator), orientation)
@@ -260,6 +260,7 @@ class VectorPoseViews:
         self.corrupt = VectorPoseCorruption(cfg.corruption)
 
     def __call__(self, volumes: Sequence[np.ndarray], per_volume: int, generator: torch.Generator) -> VectorPoseBatch:
+        """Views of ``volumes`` (numpy, on the CPU: the filters are scipy's); tensors on the generator's device."""
         images, targets = [], []
         for volume in volumes:
             if volume.ndim != 3:
@@ -268,9 +269,10 @@ class VectorPoseViews:
                 image, target = self.crop(volume, generator)
                 images.append(image)
                 targets.append(target)
-        clean = torch.from_numpy(np.stack(images))[:, None]
-        boundary = torch.from_numpy(np.stack([self.boundary(y) for y in images]))[:, None]
-        return VectorPoseBatch(self.corrupt(clean, generator), clean, boundary, torch.stack(targets))
+        device = generator.device
+        clean = torch.from_numpy(np.stack(images))[:, None].to(device)
+        boundary = torch.from_numpy(np.stack([self.boundary(y) for y in images]))[:, None].to(device)
+        return VectorPoseBatch(self.corrupt(clean, generator), clean, boundary, torch.stack(targets).to(device))
 
 
 class VectorHead(nn.Module):

@@ -111,8 +111,8 @@ class Orientation:
 def sample_orientation(generator: torch.Generator, flip_rate: float = 0.5,
                        turn_choices: Sequence[int] = (1, 3)) -> Orientation:
     """Each axis flipped with ``flip_rate``, then each axis turned by a uniform choice of ``turn_choices``."""
-    u = torch.rand(3, generator=generator)
-    pick = torch.randint(0, len(turn_choices), (3,), generator=generator)
+    u = torch.rand(3, generator=generator, device=generator.device)
+    pick = torch.randint(0, len(turn_choices), (3,), generator=generator, device=generator.device)
     return Orientation(tuple(bool(v < flip_rate) for v in u),  # type: ignore[arg-type]
                        tuple(int(turn_choices[int(i)]) for i in pick))  # type: ignore[arg-type]
 
@@ -129,7 +129,7 @@ def sample_box(volume_shape: Sequence[int], extent: Sequence[float], generator: 
     if fit < 1.0:
         ext = ext * fit
     size = [int(min(n, max(1, math.floor(e + 0.5)))) for n, e in zip(volume_shape, ext, strict=True)]
-    lower = [int(torch.randint(0, int(n) - s + 1, (1,), generator=generator)) for n, s in
+    lower = [int(torch.randint(0, int(n) - s + 1, (1,), generator=generator, device=generator.device)) for n, s in
              zip(volume_shape, size, strict=True)]
     return CropBox(tuple(lower), tuple(size))  # type: ignore[arg-type]
 
