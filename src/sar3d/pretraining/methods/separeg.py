@@ -42,6 +42,7 @@ __all__ = [
     "region_embeddings",
     "simsiam_loss",
     "simsiam_step",
+    "teacher_loss",
 ]
 
 
@@ -274,15 +275,29 @@ def make_experts(shared: SiameseBranch, k: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(shared) for _ in range(k))
 
 
+def teacher_loss(teacher: SiameseBranch, s1: Tensor, s2: Tensor, view1: Tensor, view2: Tensor) -> Tensor:
+    """Released distillation (type 2) from one frozen teacher: ``D(teacher.pred(student z), teacher z)``, symmetric.
+
+    The teacher's predictor maps the student's projections ``s1``/``s2`` into its
+    space; its own projections are targets (no gradient). The teacher normalises
+    with batch statistics without moving its running statistics; the caller
+    keeps its weights out of the optimiser.
+    """
+    with batch_statistics(teacher):
+        with torch.no_grad():
+            t1, _ = teacher(view1)
+            t2, _ = teacher(view2)
+        return simsiam_loss(teacher.predictor(s1), teacher.predictor(s2), t1, t2)
+
+
 def distillation_step(
     student: SiameseBranch, teachers: Sequence[SiameseBranch], optimiser: torch.optim.Optimizer,
     view1: Tensor, view2: Tensor,
 ) -> Tensor:
     """One distillation update of ``student`` from frozen ``teachers`` (its region's expert and the shared net).
 
-    Released form (type 2): for each teacher, ``D(teacher.pred(student z), teacher z)``,
-    symmetric over the two views and averaged over teachers; the teachers'
-    predictors map the student's projection into their space and stay frozen.
+    The loss is :func:`teacher_loss` averaged over the teachers; the teachers'
+    parameters get no gradient.
     """
     s1, _ = student(view1)
     s2, _ = student(view2)
@@ -290,15 +305,7 @@ def distillation_step(
     for param in frozen:
         param.requires_grad_(False)
     try:
-        terms = []
-        # batch statistics without moving the teachers' running statistics (they are not trained here)
-        with batch_statistics(*teachers):
-            for teacher in teachers:
-                with torch.no_grad():
-                    t1, _ = teacher(view1)
-                    t2, _ = teacher(view2)
-                terms.append(simsiam_loss(teacher.predictor(s1), teacher.predictor(s2), t1, t2))
-        loss = torch.stack(terms).mean()
+        loss = torch.stack([teacher_loss(t, s1, s2, view1, view2) for t in teachers]).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
