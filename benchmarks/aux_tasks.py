@@ -1,6 +1,6 @@
 """Do SAR's auxiliary tasks learn? Per-epoch scale-head and discriminator accuracy of short SAR runs.
 
-Runs the real SAR training step (``sar3d.pretrain.train_step``) on the default
+Runs the real SAR training step (``sar3d.pretraining.run.train_step``) on the default
 study's cubes, once per variant of the pre-training config, and prints the mean
 training accuracy of the scale head and the discriminator per epoch. Used to
 find (docs/deviations.md, "SAR's auxiliary tasks") that the paper's learning
@@ -20,37 +20,37 @@ from typing import Any
 import numpy as np
 import torch
 
-from sar3d import pretrain
 from sar3d.config import load_config
-from sar3d.loader import make_pretrain_loader, open_cube_store
+from sar3d.data.loader import make_pretrain_loader, open_cube_store
+from sar3d.pretraining import registry
+from sar3d.pretraining.run import Trainer
+from sar3d.pretraining.streams import move_batch
 from sar3d.seeding import torch_generator
-from sar3d.transforms import GenesisConfig, GenesisTransform
 
 REPO = Path(__file__).resolve().parents[1]
-NO_ADV = {"loss_weights": {"adversarial": 0.0}}
+NO_ADV = {"methods": {"sar": {"loss_weights": {"adversarial": 0.0}}}}
 VARIANTS: dict[str, dict[str, Any]] = {
     "demo": NO_ADV,  # config.yaml as shipped, encoder's adversarial term off
     "demo_adv": {},  # config.yaml as shipped: the full game
-    "lr_0.1": {**NO_ADV, "optimizer": {"lr": {"unet": 0.1, "scale_head": 0.1}}},
-    "corrupted_view": {**NO_ADV, "aux_view": "corrupted"},
+    "lr_0.1": {"optimizer": {"lr": 0.1}, "methods": {"sar": {"loss_weights": {"adversarial": 0.0},
+                                                             "lr": {"scale_head": 0.1}}}},
+    "corrupted_view": {"methods": {"sar": {"loss_weights": {"adversarial": 0.0}, "aux_view": "corrupted"}}},
 }
 
 
 def run_variant(name: str, overrides: dict[str, Any], cubes: list[Path], epochs: int, steps: int) -> list[dict]:
     config = load_config(REPO / "config.yaml", {"pretrain": overrides})
-    spec, device = pretrain.method_spec("sar"), torch.device("cpu")
-    models = pretrain.build_models(config, spec, device)
-    optimizers = pretrain.build_optimizers(config, models)
+    device = torch.device("cpu")
+    method = registry.build(config, "sar", device)
+    trainer = Trainer.single(method)
     pcfg = config["pretrain"]
-    ctx = pretrain.StepContext(spec, dict(pcfg["loss_weights"]), device, aux_view=pcfg["aux_view"])
-    transform = GenesisTransform(GenesisConfig.from_config(pcfg["transforms"]))
     store = open_cube_store(cubes, "train")
     rows = []
     for epoch in range(epochs):
         metrics = []
         for step, batch in enumerate(make_pretrain_loader(store, pcfg["batch_size"], 1, epoch, steps)):
-            tensors = pretrain.corrupt_batch(transform, batch, torch_generator(1, "bench", epoch, step), device)
-            metrics.append({k: float(v) for k, v in pretrain.train_step(models, optimizers, ctx, *tensors).items()})
+            views = move_batch(method.make_views(batch, torch_generator(1, "bench", epoch, step)), device)
+            metrics.append({k: float(v) for k, v in trainer.train_step(views).items()})
         row = {"variant": name, "epoch": epoch,
                **{k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}}
         rows.append(row)

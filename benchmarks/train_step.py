@@ -2,12 +2,12 @@
 
 Run on demand: ``python benchmarks/transforms.py`` measures the corruption alone;
 this one times whole training steps as ``sar3d pretrain`` runs them
-(:func:`sar3d.pretrain.batch_stream` + :func:`sar3d.pretrain.train_steps`) on
+(:func:`sar3d.pretraining.run.batch_stream` + :func:`sar3d.pretraining.run.train_steps`) on
 synthetic 64x64x32 cube shards: the memory-mapped store, the balanced sampler,
 the Models Genesis corruption where ``transform_device`` puts it (CPU: in the
 loader's workers), and the discriminator + generator step of the SAR game.
 ``data wait`` is the fraction of the timed steps spent waiting for the next
-batch (:class:`sar3d.engine.EpochMeter`). Prints one table and writes
+batch (:class:`sar3d.training.metering.EpochMeter`). Prints one table and writes
 ``benchmarks/out/train_step.json``.
 """
 
@@ -24,20 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sar3d import engine
 from sar3d.config import load_config
-from sar3d.loader import open_cube_store
-from sar3d.networks import count_parameters
-from sar3d.pretrain import (
-    StepContext,
-    batch_stream,
-    build_models,
-    build_optimizers,
-    method_spec,
-    resolve_transform_device,
-    train_steps,
-)
-from sar3d.transforms import GenesisConfig, GenesisTransform
+from sar3d.nets.weights import count_parameters
+from sar3d.pretraining import registry
+from sar3d.pretraining.base import PretrainJob
+from sar3d.pretraining.run import Trainer
+from sar3d.pretraining.streams import BatchSource, open_stores, resolve_transform_device
+from sar3d.training import devices
+from sar3d.training.distributed import Distributed
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out" / "train_step.json"
@@ -64,28 +58,24 @@ def write_shard(folder: Path, modality: int, n: int, seed: int) -> Path:
 
 def bench(dirs: list[Path], width: float, batch: int, steps: int, workers: int, device: torch.device,
           method: str) -> dict[str, Any]:
-    """Time ``steps`` SAR steps after one warm-up step; corruption where ``transform_device: auto`` puts it."""
+    """Time ``steps`` steps of a method block after one warm-up step; views made where ``auto`` puts them."""
     config = load_config(REPO / "config.yaml", {"pretrain": {"width": width, "batch_size": batch}})
-    spec = method_spec(method)
-    models = build_models(config, spec, device)
-    optimizers = build_optimizers(config, models)
-    amp = engine.resolve_precision(config["pretrain"]["precision"], device)
-    ctx = StepContext(spec, dict(config["pretrain"]["loss_weights"]), device, amp,
-                      engine.make_grad_scaler(device, amp))
-    transform = GenesisTransform(GenesisConfig.from_config(config["pretrain"]["transforms"]))
+    model = registry.build(config, method, device)
+    amp = devices.resolve_precision(config["pretrain"]["precision"], device)
+    trainer = Trainer(model, model.optimizers(), device, amp, devices.make_grad_scaler(device, amp))
     in_loader = resolve_transform_device("auto", device).type == "cpu"
-    stream = batch_stream(open_cube_store(dirs, "train"), transform, batch, 0, steps + 1, batch_seed=0,
-                          corrupt_seed=1, device=device, in_loader=in_loader, num_workers=workers,
-                          pin_memory=engine.pin_memory_default(device))
-    train_steps(models, optimizers, ctx, stream, 1)  # warm-up: allocations, worker start
+    stores = open_stores(model, PretrainJob(method, tuple(dirs), Path("unused"), Path("unused")))
+    source = BatchSource(model, stores, device, in_loader, Distributed(), devices.pin_memory_default(device))
+    stream = source.epoch("train", 0, steps + 1, workers)
+    trainer.train_steps(stream, 1)  # warm-up: allocations, worker start
     if device.type == "cuda":  # pragma: no cover - needs a GPU
         torch.cuda.synchronize(device)
-    meter = train_steps(models, optimizers, ctx, stream, steps)
+    meter = trainer.train_steps(stream, steps)
     meter.means()  # the per-epoch sync run_pretrain does too
     timing = meter.timing("cubes")
     return {
         "width": width, "batch": batch, "steps": steps, "workers": workers, "device": str(device),
-        "method": method, "unet_parameters": count_parameters(models.unet),
+        "method": method, "unet_parameters": count_parameters(model.unet),
         "corruption": "loader workers (cpu)" if in_loader and workers else ("in process (cpu)" if in_loader
                                                                             else str(device)),
         "step_time_s": timing["perf/step_time_s"], "cubes_per_s": timing["perf/cubes_per_s"],
@@ -97,13 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per setting (after one warm-up)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (corruption runs there)")
-    parser.add_argument("--method", default="sar")
+    parser.add_argument("--method", default="sar", help="a block name of pretrain.methods in config.yaml")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    device = engine.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     if device.type == "cpu":
-        engine.keep_freed_memory()
+        devices.keep_freed_memory()
     settings = [(1.0, 2), (0.25, 8)]  # full width at batch 2 keeps a CPU run short; demo width at batch 8
     if device.type == "cuda":  # pragma: no cover - needs a GPU
         settings = [(1.0, 8), (0.25, 8)]

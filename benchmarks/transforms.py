@@ -4,7 +4,7 @@ Run on demand: ``python benchmarks/transforms.py [--batch 32] [--repeats 5]``.
 Prints one table and writes ``benchmarks/out/transforms.json``. Each number is
 the best of ``--repeats`` timed runs (the least disturbed by other processes),
 after one warm-up run; the public per-cube reference does about 24 cubes/s.
-glibc is told to keep freed memory (:func:`sar3d.engine.keep_freed_memory`),
+glibc is told to keep freed memory (:func:`sar3d.training.devices.keep_freed_memory`),
 as ``sar3d pretrain`` and its loader workers do.
 """
 
@@ -19,9 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sar3d.engine import keep_freed_memory
-from sar3d.seeding import torch_generator
-from sar3d.transforms import (
+from sar3d.pretraining.transforms.genesis import (
     GenesisConfig,
     GenesisTransform,
     local_pixel_shuffle,
@@ -29,6 +27,8 @@ from sar3d.transforms import (
     paint,
     random_flip,
 )
+from sar3d.seeding import torch_generator
+from sar3d.training.devices import keep_freed_memory
 
 OUT = Path(__file__).resolve().parent / "out" / "transforms.json"
 SHAPE = (64, 64, 32)

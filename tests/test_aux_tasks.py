@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pretrain import cube_folder, make_config
 
-from sar3d import pretrain
-from sar3d.cubes import cut_cubes
-from sar3d.networks import ModalityDiscriminator, ScaleHead, UNet3D, batch_statistics
-from sar3d.normalise import minmax_to_unit
-from sar3d.phantom import generate_case
+from cubeshards import cube_folder, make_config
+from sar3d.data.cubes import cut_cubes
+from sar3d.data.normalise import minmax_to_unit
+from sar3d.data.phantom import generate_case
+from sar3d.nets.heads import ModalityDiscriminator, ScaleHead
+from sar3d.nets.unet import UNet3D, batch_statistics
+from sar3d.pretraining.base import PretrainJob
+from sar3d.pretraining.run import Trainer, run_pretrain
 
 SIZE = (32, 32, 16)
 SCALES = (0.5, 0.25, 0.125)
@@ -125,10 +127,10 @@ def test_selection_follows_the_objective_not_the_adversarial_term(tmp_path: Path
     objective = [1.0, 0.8, 0.6, 0.61, 0.62, 0.63, 0.64]
     adversarial = [0.5, 0.9, 1.3, 1.7, 2.1, 2.5, 2.9]  # objective + adversarial falls only up to epoch 1
     calls = {"n": 0}
-    real_eval_step = pretrain.eval_step
+    real_eval_step = Trainer.eval_step
 
-    def scripted(models, ctx, *tensors):
-        metrics = real_eval_step(models, ctx, *tensors)
+    def scripted(trainer, batch):
+        metrics = real_eval_step(trainer, batch)
         epoch = calls["n"]
         calls["n"] += 1
         metrics["objective"] = torch.tensor(objective[epoch])
@@ -136,20 +138,20 @@ def test_selection_follows_the_objective_not_the_adversarial_term(tmp_path: Path
         metrics["loss_total"] = torch.tensor(objective[epoch] + adversarial[epoch])
         return metrics
 
-    monkeypatch.setattr(pretrain, "eval_step", scripted)
+    monkeypatch.setattr(Trainer, "eval_step", scripted)
     config = make_config(tmp_path, epochs=len(objective), steps_per_epoch=1, early_stopping_patience=50,
                          plateau={"factor": 0.5, "patience": 2})
     out, checkpoint = tmp_path / "model.pt", tmp_path / "checkpoint.pt"
-    pretrain.run_pretrain(config, "sar", dirs, out, checkpoint)
+    run_pretrain(config, PretrainJob("sar", tuple(dirs), out, checkpoint))
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     history = state["history"]
     assert [h["val/objective"] for h in history] == pytest.approx(objective)
     assert state["stopper"]["best_epoch"] == 2
     unet_lr = [h["lr/unet"] for h in history]
-    base = config["pretrain"]["optimizer"]["lr"]["unet"]
+    base = config["pretrain"]["optimizer"]["lr"]
     # epochs 3 and 4 do not improve on epoch 2 (patience 2): the lr halves after epoch 5's step
     assert unet_lr[:6] == pytest.approx([base] * 6) and unet_lr[6] == pytest.approx(base / 2)
-    assert {h["lr/discriminator"] for h in history} == {config["pretrain"]["optimizer"]["lr"]["discriminator"]}
+    assert {h["lr/discriminator"] for h in history} == {config["pretrain"]["methods"]["sar"]["lr"]["discriminator"]}
     best = torch.load(out, map_location="cpu", weights_only=True)
     assert best.keys() == state["best_weights"]["unet"].keys()
     assert all(torch.equal(best[k], state["best_weights"]["unet"][k]) for k in best)

@@ -10,15 +10,16 @@ import pytest
 import yaml
 
 from sar3d.config import ConfigError, load_config, tracking_uri, validate_config
-from sar3d.cubes import cubes_per_volume
-from sar3d.splits import round_half_up
+from sar3d.data.cubes import cubes_per_volume
+from sar3d.data.splits import round_half_up
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_default_config_is_valid_and_defaults_are_filled() -> None:
     config = load_config(REPO / "config.yaml")
-    assert config["pretrain"]["loss_weights"] == {"adversarial": 1.0, "scale": 1.0, "restoration": 10.0}
+    assert config["pretrain"]["methods"]["sar"]["loss_weights"] == {"adversarial": 1.0, "scale": 1.0,
+                                                                    "restoration": 10.0}
     assert config["cubes"]["ratio"] == [1, 1, 2]
     # a default that config.yaml does not spell out is filled from the schema
     assert config["evaluate"]["overlap"] == 0.25
@@ -28,7 +29,9 @@ def test_paper_overlay_restores_the_papers_settings() -> None:
     """config/paper.yaml on top of the demo config gives the paper's protocol (docs/deviations.md)."""
     overlay = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
     config = load_config(REPO / "config.yaml", overrides=overlay)
-    assert config["pretrain"]["optimizer"]["lr"] == {"unet": 1.0, "scale_head": 0.1, "discriminator": 0.001}
+    assert config["pretrain"]["optimizer"]["lr"] == 1.0
+    assert config["pretrain"]["methods"]["sar"]["lr"] == {"scale_head": 0.1, "discriminator": 0.001}
+    assert {"sa", "mial", "sar_s2", "sar_s4", "sar_s8"} <= set(config["pretrain"]["methods"])
     assert config["preprocess"]["spacing"] == [1.0, 1.0, 1.0]
     assert config["pretrain"]["width"] == 1.0
     assert config["cubes"]["per_volume"] == 64
@@ -37,7 +40,7 @@ def test_paper_overlay_restores_the_papers_settings() -> None:
     # and the schema defaults are the paper's values where the demo departs from them
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
     del raw["pretrain"]["optimizer"]
-    assert validate_config(raw)["pretrain"]["optimizer"]["lr"]["unet"] == 1.0
+    assert validate_config(raw)["pretrain"]["optimizer"]["lr"] == 1.0
 
 
 def test_paper_overlay_cube_counts_and_epochs_follow_table_1() -> None:

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from sar3d.config import ConfigError, validate_config
-from sar3d.cubes import META_COLUMNS, apportion, crop_size, resize_crops, run_cubes, scale_index
+from sar3d.data.cubes import META_COLUMNS, apportion, crop_size, resize_crops, run_cubes
+from sar3d.data.loader import open_cube_store
+from sar3d.data.scales import scale_index
 from sar3d.io import InputDataError
-from sar3d.loader import open_cube_store
 
 HELDOUT_VALUE = 0.777  # held-out volumes are this constant; kept volumes never reach it
 SHAPES = {"c0": (40, 36, 20), "c1": (32, 44, 24), "c2": (36, 36, 16), "c3": (40, 40, 20), "c4": (30, 30, 30)}

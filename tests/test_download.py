@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from sar3d.config import validate_config
-from sar3d.download import DownloadError, extract_msd, run_download
+from sar3d.data.download import DownloadError, extract_msd, run_download
+from sar3d.data.phantom import generate_case
 from sar3d.io import InputDataError, save_volume
-from sar3d.phantom import generate_case
 
 TASK = "Task02_Heart"
 

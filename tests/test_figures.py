@@ -11,9 +11,15 @@ import pytest
 import torch
 
 from sar3d.config import load_config
-from sar3d.evaluate import prediction_code
-from sar3d.figures import best_axial_slice, decode_prediction, loss_histories, plot_loss_curves, plot_qualitative
+from sar3d.evaluation.run import prediction_code
 from sar3d.io import save_volume, write_json
+from sar3d.reporting.figures import (
+    best_axial_slice,
+    decode_prediction,
+    loss_histories,
+    plot_loss_curves,
+    plot_qualitative,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from sar3d import finetune
-from sar3d.evaluate import CSV_COLUMNS, dice_score, run_evaluate, sidecar_path
-from sar3d.finetune import init_model, labelled_cases, run_finetune
+from sar3d.evaluation.run import CSV_COLUMNS, dice_score, run_evaluate, sidecar_path
+from sar3d.finetuning import run as finetune
+from sar3d.finetuning.run import init_model, labelled_cases, run_finetune
 from sar3d.io import InputDataError, save_volume, write_json
-from sar3d.networks import UNet3D, load_state_dict_file
+from sar3d.nets.unet import UNet3D
+from sar3d.nets.weights import load_state_dict_file
 from tinystudy import unit_config
 
 SHAPE = (24, 24, 16)  # smaller than the patch in x/y: exercises padding and sliding-window padding

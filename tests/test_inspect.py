@@ -87,8 +87,8 @@ def test_inspect_reads_a_converted_msd_folder(
     native: dict[str, Built], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """The raw folder the data stage writes is itself an MSD folder: inspect says so, with Task01's labels."""
-    from sar3d.convert import convert_folder
-    from sar3d.layouts import open_layout
+    from sar3d.data.convert import convert_folder
+    from sar3d.data.layouts import open_layout
 
     built = native["brats2018"]
     out = tmp_path / "raw"

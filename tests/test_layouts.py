@@ -20,11 +20,11 @@ import yaml
 from native_layouts import LUNA_ORIGINS, LUNA_UIDS, Built, brats2018_folder, lits_folder, luna16_folder, save_nifti
 from realdata import CH2, CRANIUM, needs
 from sar3d.config import ConfigError, validate_config
-from sar3d.convert import convert_folder, folder_layout
-from sar3d.download import run_download
+from sar3d.data.convert import convert_folder, folder_layout
+from sar3d.data.download import run_download
+from sar3d.data.layouts import open_layout
+from sar3d.data.normalise import run_normalise_pretrain, run_normalise_task
 from sar3d.io import InputDataError, load_volume
-from sar3d.layouts import open_layout
-from sar3d.normalise import run_normalise_pretrain, run_normalise_task
 from tinystudy import REPO
 
 pytestmark = needs(CH2, CRANIUM)

@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from sar3d.loader import (
+from sar3d.data.loader import (
     BalancedBatchSampler,
     PretrainBatches,
     batch_generator,
     make_pretrain_loader,
     open_cube_store,
 )
-from sar3d.transforms import GenesisConfig, GenesisTransform
+from sar3d.pretraining.transforms.genesis import GenesisConfig, GenesisTransform
 
 SIZE = (4, 4, 2)
 
@@ -139,9 +139,14 @@ def test_corruption_in_workers_is_seeded_per_batch_not_per_worker(dirs: list[Pat
     store = open_cube_store(dirs, "train")
     transform = GenesisTransform(GenesisConfig(local_shuffle_windows=20, local_shuffle_max_window=(2, 2, 1)))
 
+    def views(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The Genesis method's views: the corrupted cube and its (flipped) target."""
+        x_hat, target = transform(batch.pop("cube"), generator)
+        return {"x_hat": x_hat, "target": target, **batch}
+
     def epoch(epoch: int, workers: int) -> list[dict[str, torch.Tensor]]:
         return list(make_pretrain_loader(store, 6, seed=1, epoch=epoch, steps=4, num_workers=workers,
-                                         corrupt=transform, corrupt_seed=7))
+                                         views=views, views_seed=7))
 
     in_process, in_workers = epoch(0, 0), epoch(0, 2)
     for a, b in zip(in_process, in_workers, strict=True):

@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from sar3d.metrics import dice_score, hd95_mm, hd95_undefined
-from sar3d.splits import size_bucket
+from sar3d.data.splits import size_bucket
+from sar3d.evaluation.metrics import dice_score, hd95_mm, hd95_undefined
 
 SHAPE = (20, 18, 12)
 SPACING = (0.8, 1.1, 2.5)  # anisotropic, as CT/MRI before resampling

@@ -10,14 +10,9 @@ import torch
 from torch import nn
 
 from sar3d.io import InputDataError
-from sar3d.networks import (
-    ModalityDiscriminator,
-    ScaleHead,
-    UNet3D,
-    count_parameters,
-    load_state_dict_file,
-    transfer_weights,
-)
+from sar3d.nets.heads import ModalityDiscriminator, ScaleHead
+from sar3d.nets.unet import UNet3D
+from sar3d.nets.weights import count_parameters, load_state_dict_file, transfer_weights
 
 
 def _mg_conv(prefix: str, cin: int, cout: int) -> dict[str, tuple[int, ...]]:

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from sar3d.config import tracking_uri, validate_config
-from sar3d.io import InputDataError, voxel_spacing
-from sar3d.normalise import (
+from sar3d.data.normalise import (
     ct_pancreas,
     minmax_to_unit,
     resample_to_spacing,
@@ -22,7 +21,8 @@ from sar3d.normalise import (
     run_normalise_task,
     zscore_nonzero,
 )
-from sar3d.phantom import write_phantom_dataset
+from sar3d.data.phantom import write_phantom_dataset
+from sar3d.io import InputDataError, voxel_spacing
 
 CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 FIXED = {"pretrain_scaling": "fixed"}

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from sar3d.config import validate_config
-from sar3d.download import run_download
+from sar3d.data.download import run_download
+from sar3d.data.phantom import SPECS, case_id, dataset_description, generate_case
 from sar3d.io import load_volume, voxel_spacing
-from sar3d.phantom import SPECS, case_id, dataset_description, generate_case
 
 SEED = 20210806
 SMALL, LARGE = 4000.0, 16000.0  # the phantom's inner volume knots (BRAIN_TUMOUR_VOLUME_KNOTS_MM3)

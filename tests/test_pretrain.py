@@ -3,71 +3,29 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
-from sar3d import engine
-from sar3d.config import load_config
-from sar3d.cubes import scale_index
-from sar3d.loader import make_pretrain_loader, open_cube_store
-from sar3d.networks import UNet3D
-from sar3d.pretrain import (
-    METHODS,
-    StepContext,
-    build_models,
-    build_optimizers,
-    corrupt_batch,
-    method_spec,
-    run_pretrain,
-    train_step,
-)
+from cubeshards import BLOCKS, WIDTH, cube_folder, make_config
+from sar3d.config import ConfigError
+from sar3d.data.loader import make_pretrain_loader, open_cube_store
+from sar3d.data.scales import scale_index
+from sar3d.nets.unet import UNet3D
+from sar3d.pretraining import registry
+from sar3d.pretraining.base import PretrainJob, PretrainMethod
+from sar3d.pretraining.run import Trainer, run_pretrain
+from sar3d.pretraining.streams import move_batch
 from sar3d.seeding import torch_generator
-from sar3d.transforms import GenesisConfig, GenesisTransform
+from sar3d.training import checkpoints, devices, distributed, loop, stopping
 
-REPO = Path(__file__).resolve().parents[1]
-SIZE = (16, 16, 8)
-WIDTH = 0.125
 STEPS = 12
-
-
-def _smooth_field(rng: np.random.Generator, coarse: int) -> np.ndarray:
-    """Random blobs: a coarse noise grid upsampled to the cube (smoother for a larger zoom)."""
-    grid = torch.as_tensor(rng.random((1, 1, coarse, coarse, max(coarse // 2, 1))), dtype=torch.float32)
-    return F.interpolate(grid, size=SIZE, mode="trilinear", align_corners=False)[0, 0].numpy()
-
-
-def cube_folder(root: Path, dataset: str, modality: int, n: int, seed: int) -> Path:
-    """A cube shard in the architecture.md format, all three scales, 3/4 train and 1/4 val.
-
-    Larger scales (a bigger part of the volume squeezed into the cube) carry finer
-    structure, so the scale is learnable; MRI cubes are brighter than CT cubes.
-    """
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    scale = np.tile([0, 1, 2, 2], n // 4)
-    cubes = np.stack([_smooth_field(rng, {0: 12, 1: 6, 2: 3}[int(s)]) for s in scale]).astype(np.float32)
-    cubes = np.clip(cubes * (0.6 if modality == 0 else 1.0) + (0.0 if modality == 0 else 0.2), 0, 1)
-    np.save(root / "cubes.npy", cubes.astype(np.float32))
-    pd.DataFrame({
-        "index": np.arange(n), "case": [f"{dataset}{k // 8}" for k in range(n)], "channel": 0,
-        "scale": scale, "scale_fraction": np.array([0.5, 0.25, 0.125])[scale], "modality": modality,
-        "split": np.where(np.arange(n) < n * 3 // 4, "train", "val"),
-        "origin_x": 0, "origin_y": 0, "origin_z": 0, "size_x": 8, "size_y": 8, "size_z": 4,
-    }).to_csv(root / "meta.csv", index=False)
-    (root / "manifest.json").write_text(json.dumps({
-        "dataset": dataset, "modality": ["CT", "MRI"][modality], "n_cubes": n, "size": list(SIZE),
-        "scales": [0.5, 0.25, 0.125], "ratio": [1, 1, 2], "excluded_cases": [],
-    }))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -78,33 +36,23 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "dirs": dirs}
 
 
-def make_config(root: Path, results: str = "results", **pretrain: Any) -> dict[str, Any]:
-    overrides = {
-        "results_dir": str(root / results),
-        "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "pretrain-tests"},
-        "cubes": {"size": list(SIZE)},
-        "pretrain": {"width": WIDTH, "batch_size": 4, "epochs": 2, "steps_per_epoch": 2, "val_steps": 1,
-                     "device": "cpu", **pretrain},
-    }
-    return load_config(REPO / "config.yaml", overrides)
+def _build(config: dict[str, Any], name: str = "sar") -> PretrainMethod:
+    return registry.build(config, name, torch.device("cpu"))
 
 
-def _fixed_batch(config: dict[str, Any], dirs: list[Path]) -> tuple[torch.Tensor, ...]:
-    store = open_cube_store(dirs, "train", None)
+def _fixed_batch(method: PretrainMethod, dirs: list[Path]) -> dict[str, Any]:
+    store = open_cube_store(dirs, "train", method.cube_scales())
     batch = next(iter(make_pretrain_loader(store, 8, 0, 0, 1)))
-    transform = GenesisTransform(GenesisConfig.from_config(config["pretrain"]["transforms"]))
-    return corrupt_batch(transform, batch, torch_generator(0, "test"), torch.device("cpu"))
+    return move_batch(method.make_views(batch, torch_generator(0, "test")), torch.device("cpu"))
 
 
 def _fixed_batch_history(config: dict[str, Any], dirs: list[Path], weights: dict[str, float]) -> list[dict]:
-    device = torch.device("cpu")
-    spec = method_spec("sar")
-    models = build_models(config, spec, device)
-    optimizers = build_optimizers(config, models)
-    batch = _fixed_batch(config, dirs)
-    assert set(batch[3].tolist()) == {0, 1} and set(batch[2].tolist()) == {0, 1, 2}
-    ctx = StepContext(spec, weights, device)
-    return [{k: float(v) for k, v in train_step(models, optimizers, ctx, *batch).items()} for _ in range(STEPS)]
+    config["pretrain"]["methods"]["sar"]["loss_weights"] = weights
+    method = _build(config)
+    batch = _fixed_batch(method, dirs)
+    assert set(batch["modality"].tolist()) == {0, 1} and set(batch["scale"].tolist()) == {0, 1, 2}
+    trainer = Trainer.single(method)
+    return [{k: float(v) for k, v in trainer.train_step(batch).items()} for _ in range(STEPS)]
 
 
 def _start_end(history: list[dict[str, float]], term: str) -> tuple[float, float]:
@@ -125,7 +73,7 @@ def test_every_sar_term_learns_on_a_fixed_batch(shared):
     kept before that.)
     """
     config = make_config(shared["root"])
-    history = _fixed_batch_history(config, shared["dirs"], dict(config["pretrain"]["loss_weights"]))
+    history = _fixed_batch_history(config, shared["dirs"], dict(config["pretrain"]["methods"]["sar"]["loss_weights"]))
     for term in ["loss_res", "loss_scale", "loss_adv_enc", "loss_total"]:
         start, end = _start_end(history, term)
         assert end < start, f"{term}: {start:.4f} -> {end:.4f}"
@@ -147,21 +95,28 @@ def test_discriminator_learns_on_fixed_features(shared):
     assert end < start - 0.01
 
 
-def test_method_registry_matches_config_and_paper():
-    from sar3d.config import BUILTIN_PRETRAIN_METHODS
-
-    assert set(METHODS) == set(BUILTIN_PRETRAIN_METHODS)
-    assert (METHODS["genesis"].scale_loss, METHODS["genesis"].adversarial) == (False, False)
-    assert (METHODS["sa"].scale_loss, METHODS["sa"].adversarial) == (True, False)
-    assert (METHODS["mial"].scale_loss, METHODS["mial"].adversarial) == (False, True)
-    assert (METHODS["sar"].scale_loss, METHODS["sar"].adversarial, METHODS["sar"].scales) == (True, True, None)
-    assert [METHODS[f"sar_s{k}"].scales for k in (2, 4, 8)] == [(0.5,), (0.25,), (0.125,)]  # of the volume side
-    with pytest.raises(ValueError, match="unknown pre-training method"):
-        method_spec("rotation")
+def test_method_blocks_build_the_paper_s_heads(shared):
+    """Each block of the paper's methods builds exactly the heads its terms need, on its scales."""
+    config = make_config(shared["root"])
+    heads = {name: set(_build(config, name).heads) for name in BLOCKS}
+    assert heads["genesis"] == set()
+    assert heads["sa"] == {"scale_head"}
+    assert heads["mial"] == {"discriminator"}
+    assert heads["sar"] == {"scale_head", "discriminator"}
+    assert config["pretrain"]["methods"]["sar"]["scales"] is None
+    assert [config["pretrain"]["methods"][f"sar_s{k}"]["scales"] for k in (2, 4, 8)] == [[0.5], [0.25], [0.125]]
+    scales = config["cubes"]["scales"]
+    assert [_build(config, f"sar_s{k}").cube_scales() for k in (2, 4, 8)] == [
+        [scale_index(scales, 1 / k)] for k in (2, 4, 8)
+    ]
+    with pytest.raises(ConfigError, match=re.escape("pretrain.methods.rot.kind")):
+        make_config(shared["root"], methods={"rot": {"kind": "rotation-unknown"}})
+    with pytest.raises(ConfigError, match=re.escape("pretrain.methods.sar_s2.scale_loss")):
+        make_config(shared["root"], methods={"sar_s2": {"scale_loss": True}})
 
 
 def test_early_stopping_and_precision_switch():
-    stopper = engine.EarlyStopping(patience=2)
+    stopper = stopping.EarlyStopping(patience=2)
     assert [stopper.step(s, e) for e, s in enumerate([1.0, 0.9, 0.95, math.nan, 0.5])] == [
         True, True, False, False, True
     ]
@@ -169,50 +124,43 @@ def test_early_stopping_and_precision_switch():
     stopper.step(0.6, 5)
     stopper.step(0.6, 6)
     assert stopper.should_stop
-    restored = engine.EarlyStopping(patience=2)
+    restored = stopping.EarlyStopping(patience=2)
     restored.load_state_dict(stopper.state_dict())
     assert restored.state_dict() == stopper.state_dict()
     cpu = torch.device("cpu")
-    assert engine.resolve_precision("auto", cpu) is None  # CPU stays fp32 unless asked
-    assert engine.resolve_precision("bf16", cpu) == torch.bfloat16
-    assert engine.resolve_device("cpu") == cpu
+    assert devices.resolve_precision("auto", cpu) is None  # CPU stays fp32 unless asked
+    assert devices.resolve_precision("bf16", cpu) == torch.bfloat16
+    assert devices.resolve_device("cpu") == cpu
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError):
-            engine.resolve_device("cuda")
-    assert not engine.make_grad_scaler(cpu, torch.float16).is_enabled()
+            devices.resolve_device("cuda")
+    assert not devices.make_grad_scaler(cpu, torch.float16).is_enabled()
 
 
 def test_bf16_autocast_step_runs_on_cpu(shared):
-    config = make_config(shared["root"])
-    device = torch.device("cpu")
-    spec = method_spec("sar")
-    models = build_models(config, spec, device)
-    ctx = StepContext(spec, dict(config["pretrain"]["loss_weights"]), device, amp=torch.bfloat16)
-    metrics = train_step(models, build_optimizers(config, models), ctx, *_fixed_batch(config, shared["dirs"]))
+    method = _build(make_config(shared["root"]))
+    metrics = Trainer.single(method, amp=torch.bfloat16).train_step(_fixed_batch(method, shared["dirs"]))
     assert all(math.isfinite(v) for v in metrics.values())
 
 
-@pytest.mark.parametrize("method", ["sa", "mial", "sar_s2", "sar_s4", "sar_s8"])
-def test_each_ablation_runs_a_step(shared, method):
+@pytest.mark.parametrize("name", ["sa", "mial", "sar_s2", "sar_s4", "sar_s8"])
+def test_each_ablation_runs_a_step(shared, name):
     config = make_config(shared["root"])
-    spec = method_spec(method)
-    device = torch.device("cpu")
-    models = build_models(config, spec, device)
-    assert (models.scale_head is not None) == spec.scale_loss
-    assert (models.discriminator is not None) == spec.adversarial
-    labels = [scale_index(config["cubes"]["scales"], f) for f in spec.scales] if spec.scales else None
+    block = config["pretrain"]["methods"][name]
+    method = _build(config, name)
+    assert ("scale_head" in method.heads) == block["scale_loss"]
+    assert ("discriminator" in method.heads) == block["adversarial"]
+    labels = method.cube_scales()
     store = open_cube_store(shared["dirs"], "train", labels)
     batch = next(iter(make_pretrain_loader(store, 4, 0, 0, 1)))
     if labels:
         assert set(batch["scale"].tolist()) == set(labels)
-    transform = GenesisTransform(GenesisConfig.from_config(config["pretrain"]["transforms"]))
-    tensors = corrupt_batch(transform, batch, torch_generator(0, method), device)
-    before = {k: v.clone() for k, v in models.unet.state_dict().items()}
-    metrics = train_step(models, build_optimizers(config, models), StepContext(spec, {"adversarial": 1.0,
-                         "scale": 1.0, "restoration": 10.0}, device), *tensors)
-    assert ("loss_scale" in metrics) == spec.scale_loss and ("loss_disc" in metrics) == spec.adversarial
+    views = move_batch(method.make_views(batch, torch_generator(0, name)), torch.device("cpu"))
+    before = {k: v.clone() for k, v in method.unet.state_dict().items()}
+    metrics = Trainer.single(method).train_step(views)
+    assert ("loss_scale" in metrics) == block["scale_loss"] and ("loss_disc" in metrics) == block["adversarial"]
     assert all(math.isfinite(float(v)) for v in metrics.values())
-    assert any(not torch.equal(before[k], v) for k, v in models.unet.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in method.unet.state_dict().items())
 
 
 def _run_metrics(config: dict[str, Any], method: str) -> dict[str, list[float]]:
@@ -230,7 +178,7 @@ def _run_metrics(config: dict[str, Any], method: str) -> dict[str, list[float]]:
 def test_run_pretrain_writes_loadable_weights_and_per_epoch_metrics(shared, method, tmp_path):
     config = make_config(shared["root"], results=f"results_{method}")
     out, ckpt = tmp_path / "model.pt", tmp_path / "checkpoint.pt"
-    run_pretrain(config, method, shared["dirs"], out, ckpt)
+    run_pretrain(config, PretrainJob(method, tuple(shared["dirs"]), out, ckpt))
     state = torch.load(out, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     UNet3D(width=WIDTH).load_state_dict(state, strict=True)
@@ -258,7 +206,7 @@ def test_same_seed_same_weights_and_exact_resume(shared, tmp_path, monkeypatch):
         config = make_config(shared["root"], results=name)
         config["seed"] += seed_shift
         out = tmp_path / name / "model.pt"
-        run_pretrain(config, "sar", shared["dirs"], out, tmp_path / name / "checkpoint.pt")
+        run_pretrain(config, PretrainJob("sar", tuple(shared["dirs"]), out, tmp_path / name / "checkpoint.pt"))
         return torch.load(out, weights_only=True)
 
     first = pretrain("a")
@@ -268,7 +216,7 @@ def test_same_seed_same_weights_and_exact_resume(shared, tmp_path, monkeypatch):
     assert any(not torch.equal(first[k], other[k]) for k in first)
 
     # kill the job right after the first epoch's checkpoint, then rerun: it must resume and match
-    real_save = engine.save_checkpoint
+    real_save = checkpoints.save_checkpoint
     calls = {"n": 0}
 
     def save_then_die(*args: Any, **kwargs: Any) -> None:
@@ -277,27 +225,27 @@ def test_same_seed_same_weights_and_exact_resume(shared, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         real_save(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         pretrain("d")
     assert not (tmp_path / "d" / "model.pt").exists()
     assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     resumed = pretrain("d")
     assert all(torch.equal(first[k], resumed[k]) for k in first)
 
 
 def test_distributed_settings_from_torchrun_env():
-    single = engine.Distributed.from_env({})
+    single = distributed.Distributed.from_env({})
     assert (single.rank, single.world_size, single.enabled, single.is_main) == (0, 1, False, True)
-    assert engine.init_distributed(single, torch.device("cpu")) == torch.device("cpu")
+    assert distributed.init_distributed(single, torch.device("cpu")) == torch.device("cpu")
     assert not torch.distributed.is_initialized()
-    second = engine.Distributed.from_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"})
+    second = distributed.Distributed.from_env({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"})
     assert (second.local_rank, second.enabled, second.is_main) == (1, True, False)
     with pytest.raises(ValueError, match="RANK"):
-        engine.Distributed.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+        distributed.Distributed.from_env({"RANK": "2", "WORLD_SIZE": "2"})
     model = torch.nn.Linear(2, 1)
-    assert engine.wrap_ddp(model, single, torch.device("cpu")) is model
+    assert distributed.wrap_ddp(model, single, torch.device("cpu")) is model
 
 
 @pytest.mark.parametrize("is_main", [True, False])
@@ -311,13 +259,13 @@ def test_only_the_main_rank_checkpoints_and_logs(tmp_path, is_main):
 
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    job = engine.Fit(
+    job = loop.Fit(
         models={"unet": model}, optimizers={"main": opt},
-        schedulers={"main": torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, stopper=engine.EarlyStopping(5),
+        schedulers={"main": torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, stopper=stopping.EarlyStopping(5),
         checkpoint=tmp_path / "checkpoint.pt", fingerprint="f", epochs=2, is_main=is_main,
     )
     logger = Recorder()
-    state = engine.fit(job, lambda epoch: ({"loss": 1.0}, {}), lambda epoch: ({"loss": 1.0}, 1.0 - epoch), logger)
+    state = loop.fit(job, lambda epoch: ({"loss": 1.0}, {}), lambda epoch: ({"loss": 1.0}, 1.0 - epoch), logger)
     assert state.epoch == 2 and state.finished
     assert (tmp_path / "checkpoint.pt").exists() == is_main
     assert logger.steps == ([0, 1] if is_main else [])
@@ -327,29 +275,24 @@ def _ddp_rank(rank: int, world: int, port: int, root: Path, dirs: list[Path], ou
     """One torchrun-like rank on CPU (gloo): two SAR steps on its own batches through DDP."""
     import os
 
-    from sar3d.pretrain import GeneratorNet
-
     torch.set_num_threads(1)  # forked from a process that may have used OpenMP threads
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
-    dist = engine.Distributed.from_env()
-    device = engine.init_distributed(dist, torch.device("cpu"))
+    dist = distributed.Distributed.from_env()
+    device = distributed.init_distributed(dist, torch.device("cpu"))
     try:
-        config = make_config(root)
-        spec = method_spec("sar")
-        models = build_models(config, spec, device)
-        optimizers = build_optimizers(config, models)
-        ctx = StepContext(spec, dict(config["pretrain"]["loss_weights"]), device,
-                          generator_net=engine.wrap_ddp(GeneratorNet(models.unet, models.scale_head), dist, device),
-                          discriminator_net=engine.wrap_ddp(models.discriminator, dist, device))
-        transform = GenesisTransform(GenesisConfig.from_config(config["pretrain"]["transforms"]))
+        method = _build(make_config(root))
+        trainer = Trainer(
+            method, method.optimizers(), device, net=distributed.wrap_ddp(method.network(), dist, device),
+            nets_apart={k: distributed.wrap_ddp(m, dist, device) for k, m in method.wrapped_apart().items()},
+        )
         targets = []
         for batch in make_pretrain_loader(open_cube_store(dirs, "train"), 4, 0, 0, 2, rank=dist.rank,
-                                          world_size=dist.world_size, corrupt=transform, corrupt_seed=1):
+                                          world_size=dist.world_size, views=method.make_views, views_seed=1):
             targets.append(batch["target"])
-            train_step(models, optimizers, ctx, *corrupt_batch(transform, batch, None, device))
-        engine.sync_buffers(models.as_dict().values(), dist)  # as run_pretrain does after each epoch
-        torch.save({"state": {k: v for m in models.as_dict().values() for k, v in m.state_dict().items()},
+            trainer.train_step(move_batch(batch, device))
+        distributed.sync_buffers(method.modules.values(), dist)  # as run_pretrain does after each epoch
+        torch.save({"state": {k: v for m in method.modules.values() for k, v in m.state_dict().items()},
                     "targets": torch.stack(targets)}, out / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -359,7 +302,7 @@ def test_two_gloo_ranks_train_in_lockstep_on_different_batches(shared, tmp_path)
     """DDP on CPU: after two steps on different cubes both ranks hold the same (updated) weights.
 
     Without gradient averaging the parameters would differ (different batches);
-    without :func:`engine.sync_buffers` the BatchNorm statistics would.
+    without :func:`distributed.sync_buffers` the BatchNorm statistics would.
     """
     import socket
 
@@ -373,5 +316,5 @@ def test_two_gloo_ranks_train_in_lockstep_on_different_batches(shared, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert not torch.equal(ranks[0]["targets"], ranks[1]["targets"])  # each rank drew its own batches
     assert all(torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]) for k in ranks[0]["state"])
-    initial = build_models(make_config(shared["root"]), method_spec("sar"), torch.device("cpu")).unet.state_dict()
+    initial = _build(make_config(shared["root"])).unet.state_dict()
     assert any(not torch.equal(initial[k], ranks[0]["state"][k]) for k in initial)

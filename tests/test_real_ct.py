@@ -17,9 +17,9 @@ import pytest
 
 from realdata import CRANIUM, needs, read_inv3
 from sar3d.config import validate_config
-from sar3d.cubes import apportion, cut_cubes
+from sar3d.data.cubes import apportion, cut_cubes
+from sar3d.data.normalise import resample_to_spacing, run_normalise_pretrain
 from sar3d.io import load_volume, voxel_spacing
-from sar3d.normalise import resample_to_spacing, run_normalise_pretrain
 
 # CI installs the package, so there a missing file fails instead of skipping
 pytestmark = needs(CRANIUM)

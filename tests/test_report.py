@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from sar3d.config import load_config
-from sar3d.evaluate import CSV_COLUMNS
-from sar3d.report import run_report
+from sar3d.evaluation.run import CSV_COLUMNS
+from sar3d.reporting.report import run_report
 from tinystudy import unit_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def _grid(folder: Path, config: dict[str, Any], skip: set[tuple[str, str, int]] 
 def test_best_flag_t_test_and_bootstrap(config, tmp_path):
     from scipy import stats
 
-    from sar3d.report import read_grid, write_table
+    from sar3d.reporting.report import read_grid, write_table
 
     # genesis misses fold 2 of the brain task; its value must not win a column, even if higher
     fold_dice = {**FOLD_DICE, "genesis": [0.95, 0.96, 0.97]}
@@ -224,7 +224,7 @@ def test_best_flag_t_test_and_bootstrap(config, tmp_path):
 
 
 def test_partial_grid_from_existing_files_with_run_ids(config, tmp_path):
-    from sar3d.report import read_grid, write_table
+    from sar3d.reporting.report import read_grid, write_table
     from sar3d.tracking import tracked_run
 
     config = {**config, "results_dir": str(tmp_path / "results")}
@@ -248,12 +248,11 @@ def test_partial_grid_from_existing_files_with_run_ids(config, tmp_path):
 
 def test_table3_only_when_configured_and_table4_with_figure(config, tmp_path):
     from sar3d.grid import configured_tables
-    from sar3d.report import read_grid, write_table
+    from sar3d.reporting.report import read_grid, write_table
 
     assert "table3" not in configured_tables(config)
     ablation = load_config(REPO / "config.yaml", {
         "results_dir": config["results_dir"], "tracking": config["tracking"],
-        "pretrain": {"methods": ["genesis", "sar", "sar_s2", "sar_s8"]},
         "finetune": {"inits": ["scratch", "sar"], "ablation_inits": ["sar_s2", "sar_s8"], "label_ratios": [1, 0.5]},
         "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
     })
@@ -287,13 +286,12 @@ def test_bucket_footnotes_give_the_splits_thresholds(config, tmp_path):
     """Tables 2 and 3 state the auto thresholds the split computed and how; the report run logs them."""
     import mlflow
 
-    from sar3d.report import read_grid, write_table
-    from sar3d.splits import run_split
+    from sar3d.data.splits import run_split
+    from sar3d.reporting.report import read_grid, write_table
 
     results = tmp_path / "results"
     ablation = load_config(REPO / "config.yaml", {
         "results_dir": str(results), "tracking": config["tracking"],
-        "pretrain": {"methods": ["genesis", "sar", "sar_s2"]},
         "finetune": {"inits": ["scratch", "sar"], "ablation_inits": ["sar_s2"], "label_ratios": [1]},
         "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
     })

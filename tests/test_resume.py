@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_pretrain import cube_folder, make_config
 
-from sar3d.pretrain import run_pretrain
+from cubeshards import cube_folder, make_config
+from sar3d.pretraining.base import PretrainJob
+from sar3d.pretraining.run import run_pretrain
 
 EPOCHS = 3
 THREADS = 1  # the reference run and the subprocesses must use the same number of threads to match bit for bit
@@ -85,7 +86,8 @@ def test_sigkilled_pretrain_resumes_to_the_uninterrupted_weights(tmp_path: Path)
     torch.set_num_threads(THREADS)
     try:
         reference_out = tmp_path / "whole" / "model.pt"
-        run_pretrain(_config(tmp_path, "whole"), "sar", dirs, reference_out, tmp_path / "whole" / "checkpoint.pt")
+        whole = PretrainJob("sar", tuple(dirs), reference_out, tmp_path / "whole" / "checkpoint.pt")
+        run_pretrain(_config(tmp_path, "whole"), whole)
     finally:
         torch.set_num_threads(threads)
     reference = torch.load(reference_out, weights_only=True)

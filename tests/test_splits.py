@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from sar3d.config import validate_config
+from sar3d.data.splits import make_kfold, make_trials, nested_label_subsets, run_split, size_bucket
 from sar3d.io import InputDataError
-from sar3d.splits import make_kfold, make_trials, nested_label_subsets, run_split, size_bucket
 
 CASES = [f"case{i:02d}" for i in range(18)]
 
@@ -214,7 +214,7 @@ def test_auto_buckets_fit_tumours_from_1e3_to_1e5_mm3(tmp_path: Path, fixed_test
 
 def test_auto_buckets_every_bucket_tested_over_many_seeds() -> None:
     """The guarantee is by construction, not luck: log-uniform 10^3..10^5, few cases, any seed."""
-    from sar3d.splits import auto_bucket_folds, never_tested, tested_per_bucket
+    from sar3d.data.splits import auto_bucket_folds, never_tested, tested_per_bucket
 
     for n_cases in (6, 9, 18):
         cases = CASES[:n_cases]
@@ -233,8 +233,8 @@ def test_auto_buckets_every_bucket_tested_over_many_seeds() -> None:
 
 def test_auto_buckets_on_the_default_study_phantom(tmp_path: Path, results: Path) -> None:
     """The default study's brain task (18 phantom cases, 3 trials) as normalisation measures it."""
-    from sar3d.normalise import class_volumes_mm3
-    from sar3d.phantom import generate_case
+    from sar3d.data.normalise import class_volumes_mm3
+    from sar3d.data.phantom import generate_case
     from tinystudy import REPO
 
     default = yaml.safe_load((REPO / "config.yaml").read_text())

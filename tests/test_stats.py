@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from sar3d.stats import bootstrap_ci, compare, mean_std, ttest
+from sar3d.reporting.stats import bootstrap_ci, compare, mean_std, ttest
 
 SAR = [84.0, 86.0, 83.0, 88.0, 85.0]
 SCRATCH = [74.0, 70.0, 79.0, 72.0, 76.0]

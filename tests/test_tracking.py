@@ -35,7 +35,7 @@ def test_run_holds_tags_params_and_metric_history(config: dict[str, Any]) -> Non
     assert only.info.status == "FINISHED"
     assert only.data.tags["stage"] == "finetune"
     assert only.data.tags["task"] == "pancreas" and only.data.tags["fold"] == "1"
-    assert only.data.params["pretrain.loss_weights.restoration"] == "10.0"
+    assert only.data.params["pretrain.methods.sar.loss_weights.restoration"] == "10.0"
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(config))
     history = client.get_metric_history(only.info.run_id, "train/loss")
     assert [m.step for m in history] == [0, 1, 2]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from sar3d.transforms import (
+from sar3d.pretraining.transforms.genesis import (
     INPAINT,
     NO_PAINT,
     OUTPAINT,

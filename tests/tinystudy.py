@@ -35,7 +35,7 @@ def tiny_study(results_dir: Path) -> dict[str, Any]:
     config["cubes"].update(size=[32, 32, 16], per_volume=4)
     # scratch vs SAR, and one single-scale ablation so Table 3 is in the run; label ratio 1 only
     config["pretrain"].update(width=0.125, batch_size=4, epochs=2, steps_per_epoch=2, val_steps=1,
-                              methods=["sar", "sar_s2"])
+                              methods={k: config["pretrain"]["methods"][k] for k in ("sar", "sar_s2")})
     config["tasks"]["brain_tumour"]["split"]["n"] = 1
     config["tasks"]["pancreas"]["split"]["n"] = 2
     config["finetune"].update(patch_size=[32, 32, 16], epochs=2, steps_per_epoch=2, batch_size=2,

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sar3d.config import ConfigError, load_config
+from sar3d.data.layouts import LAYOUTS
 from sar3d.io import InputDataError
-from sar3d.layouts import LAYOUTS
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -58,12 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=Path, nargs="*", default=[], help="heldout.json files of the tasks")
     p.add_argument("--out", type=Path, required=True)
 
-    p = sub.add_parser("pretrain", help="self-supervised pre-training (sar, genesis, ablations)")
+    p = sub.add_parser("pretrain", help="self-supervised pre-training of one pretrain.methods block")
     _add_common(p)
-    p.add_argument("--method", required=True)
-    p.add_argument("--cubes", type=Path, nargs="+", required=True)
-    p.add_argument("--out", type=Path, required=True, help="U-Net weights (state dict)")
+    p.add_argument("--method", required=True, help="a block name of pretrain.methods")
+    p.add_argument("--cubes", type=Path, nargs="+", required=True, help="cube shards (they fix every case's split)")
+    p.add_argument("--volumes", type=Path, nargs="*", default=[], help="normalised volumes (volume methods)")
+    p.add_argument("--artefact", action="append", default=[], metavar="NAME=DIR",
+                   help="a folder of a declared artefact (repeat per artefact and dataset)")
+    p.add_argument("--out", type=Path, required=True, help="exported U-Net weights (state dict)")
     p.add_argument("--checkpoint", type=Path, required=True, help="full resumable state")
+
+    p = sub.add_parser("artefact", help="a pre-training method's cached per-volume artefact of one dataset")
+    _add_common(p)
+    p.add_argument("--method", required=True, help="a block name of pretrain.methods")
+    p.add_argument("--artefact", required=True, help="one of the method's declared artefacts")
+    p.add_argument("--volumes", type=Path, required=True, help="the dataset's normalised pre-training folder")
+    p.add_argument("--out", type=Path, required=True)
 
     for stage in ("finetune", "evaluate"):
         p = sub.add_parser(stage, help=f"{stage} one (task, init, ratio, fold)")
@@ -124,13 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def inspect(args: argparse.Namespace) -> int:
     """Print what the folder holds; exit status 1 when the data stage would stop on it."""
-    from sar3d.inspection import format_report, inspect_folder, write_report_json
+    from sar3d.data.inspection import format_report, inspect_folder, write_report_json
 
     report = inspect_folder(args.path, args.layout, progress=not args.no_progress)
     print(format_report(report))
     if args.json:
         write_report_json(report, args.json)
     return 1 if report.problems else 0
+
+
+def artefact_dirs(pairs: Sequence[str]) -> dict[str, tuple[Path, ...]]:
+    """``["regions=a", "regions=b"]`` -> ``{"regions": (a, b)}``."""
+    out: dict[str, list[Path]] = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--artefact expects NAME=DIR, got '{pair}'")
+        out.setdefault(name, []).append(Path(folder))
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,53 +168,62 @@ def run(args: argparse.Namespace) -> int:
 
         print(init_tracking(config))
     elif stage == "download":
-        from sar3d.download import run_download
+        from sar3d.data.download import run_download
 
         run_download(config, args.dataset, args.out)
     elif stage == "normalise":
-        from sar3d.normalise import run_normalise_pretrain, run_normalise_task
+        from sar3d.data.normalise import run_normalise_pretrain, run_normalise_task
 
         if args.dataset:
             run_normalise_pretrain(config, args.dataset, args.raw, args.out)
         else:
             run_normalise_task(config, args.task, args.raw, args.out)
     elif stage == "split":
-        from sar3d.splits import run_split
+        from sar3d.data.splits import run_split
 
         run_split(config, args.task, args.data, args.out_dir)
     elif stage == "cubes":
-        from sar3d.cubes import run_cubes
+        from sar3d.data.cubes import run_cubes
 
         run_cubes(config, args.dataset, args.data, args.heldout, args.out)
     elif stage == "pretrain":
-        from sar3d.pretrain import run_pretrain
+        from sar3d.pretraining.base import PretrainJob
+        from sar3d.pretraining.run import run_pretrain
 
-        run_pretrain(config, args.method, args.cubes, args.out, args.checkpoint)
+        run_pretrain(config, PretrainJob(
+            args.method, tuple(args.cubes), args.out, args.checkpoint, volumes=tuple(args.volumes),
+            artefacts=artefact_dirs(args.artefact),
+        ))
+    elif stage == "artefact":
+        from sar3d.pretraining import registry
+
+        registry.method_class(config, args.method).make_artefact(config, args.method, args.artefact,
+                                                                 args.volumes, args.out)
     elif stage == "finetune":
-        from sar3d.finetune import run_finetune
+        from sar3d.finetuning.run import run_finetune
 
         run_finetune(
             config, args.task, args.init, args.ratio, args.fold, args.split, args.data,
             args.pretrained, args.out, args.checkpoint,
         )
     elif stage == "evaluate":
-        from sar3d.evaluate import run_evaluate
+        from sar3d.evaluation.run import run_evaluate
 
         run_evaluate(
             config, args.task, args.init, args.ratio, args.fold, args.split, args.data, args.model, args.out,
             args.predictions,
         )
     elif stage == "report":
-        from sar3d.report import run_report
+        from sar3d.reporting.report import run_report
 
         run_report(config, args.evaluations, args.out_csv, args.out_md, args.table, args.out_figure)
     elif stage == "report-all":
-        from sar3d.report import run_report_all
+        from sar3d.reporting.report import run_report_all
 
         for written in run_report_all(config):
             print(written)
     elif stage == "figure":
-        from sar3d import figures
+        from sar3d.reporting import figures
 
         if args.kind == "loss":
             figures.plot_loss_curves(config, args.task, args.out)
@@ -203,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
             predictions = {init: Path(folder) for init, folder in args.prediction}
             figures.plot_qualitative(config, args.task, args.data, args.split, predictions, args.out)
     elif stage == "compare":
-        from sar3d.compare import run_compare
+        from sar3d.reporting.compare import run_compare
 
         run_compare(config, args.stages, args.metrics, args.mean, args.all_runs, args.csv)
     else:  # pragma: no cover - argparse restricts the choices

@@ -16,12 +16,9 @@ from urllib.parse import urlsplit
 import jsonschema
 import yaml
 
-BUILTIN_PRETRAIN_METHODS = ("genesis", "sar", "sa", "mial", "sar_s2", "sar_s4", "sar_s8")
-SCRATCH = "scratch"
+from sar3d.schema import ConfigError, fill_defaults, key_path
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
+__all__ = ["ConfigError", "deep_merge", "flatten", "load_config", "resources_for", "tracking_uri", "validate_config"]
 
 
 def schema_path() -> Path:
@@ -33,40 +30,6 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(schema_path().read_text())
 
 
-def _key_path(error: jsonschema.ValidationError) -> str:
-    parts = [str(p) for p in error.absolute_path]
-    return ".".join(parts) if parts else "<top level>"
-
-
-def _resolve_ref(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
-    ref = schema.get("$ref")
-    if not ref:
-        return schema
-    target: Any = root
-    for part in ref.removeprefix("#/").split("/"):
-        target = target[part]
-    merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
-    return merged
-
-
-def _fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:
-    schema = _resolve_ref(schema, root)
-    if not isinstance(instance, dict):
-        return
-    props: dict[str, Any] = schema.get("properties", {})
-    for name, sub in props.items():
-        sub = _resolve_ref(sub, root)
-        if name not in instance and "default" in sub:
-            instance[name] = copy.deepcopy(sub["default"])
-        if name in instance:
-            _fill_defaults(instance[name], sub, root)
-    extra = schema.get("additionalProperties")
-    if isinstance(extra, dict):
-        for name, value in instance.items():
-            if name not in props:
-                _fill_defaults(value, extra, root)
-
-
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Validate against the schema, fill defaults and cross-check; returns a new dict."""
     config = copy.deepcopy(config)
@@ -74,9 +37,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"config key '{_key_path(e)}': {e.message}" for e in errors]
+        lines = [f"config key '{key_path(e)}': {e.message}" for e in errors]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
-    _fill_defaults(config, schema, schema)
+    fill_defaults(config, schema, schema)
     _cross_check(config)
     return config
 
@@ -109,10 +72,10 @@ def _cross_check(config: dict[str, Any]) -> None:
             )
         if isinstance(buckets, list) and not buckets[0] < buckets[1]:
             raise ConfigError(f"config key 'tasks.{task}.size_buckets_mm3': thresholds must increase, got {buckets}")
-    for method in config["pretrain"]["methods"]:
-        if method not in BUILTIN_PRETRAIN_METHODS:
-            known = ", ".join(BUILTIN_PRETRAIN_METHODS)
-            raise ConfigError(f"config key 'pretrain.methods': unknown method '{method}' (known: {known})")
+    # the method blocks are checked by their kinds (imported here: torch is slow to import)
+    from sar3d.pretraining.registry import SCRATCH, validate_blocks
+
+    validate_blocks(config)
     for key in ("inits", "ablation_inits"):
         for init in config["finetune"][key]:
             if init != SCRATCH and init not in config["pretrain"]["methods"]:

@@ -9,6 +9,10 @@ The paper does not cross everything with everything, and neither does the study:
   on the tasks with ``size_buckets_mm3`` (the brain task) and only at label
   ratio 1, next to the reference init of ``report.reference``.
 
+Which table an init's rows go to and in which order is its method's role and
+rank (:mod:`sar3d.pretraining.registry`): rows follow the paper's order whatever
+the config's.
+
 The Snakemake rules and ``sar3d report-all`` both take their file lists from
 here, so the DAG and the tables always expect the same evaluations.
 """
@@ -20,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sar3d.paths import ratio_tag
+from sar3d.pretraining.base import MAIN, SCALE_ABLATION
+from sar3d.pretraining.registry import describe, table_order
 
 FULL_LABELS = "1"  # ratio tag of the full training split
-SINGLE_SCALE = ("sar_s2", "sar_s4", "sar_s8")
 
 
 @dataclass(frozen=True, order=True)
@@ -50,13 +55,19 @@ def all_inits(config: Mapping[str, Any]) -> list[str]:
 
 
 def table2_inits(config: Mapping[str, Any]) -> list[str]:
-    return [i for i in config["finetune"]["inits"] if i not in SINGLE_SCALE]
+    """Rows of Table 2: the main inits (not the scale ablations), in the paper's order."""
+    return table_order(config, [i for i in config["finetune"]["inits"] if describe(config, i).role == MAIN])
 
 
 def table3_inits(config: Mapping[str, Any]) -> list[str]:
-    """The single-scale inits anywhere in the study, then the multi-scale reference; [] without any."""
-    single = [i for i in SINGLE_SCALE if i in all_inits(config)]
+    """The scale-ablation inits anywhere in the study, then the multi-scale reference; [] without any."""
+    single = table_order(config, [i for i in all_inits(config) if describe(config, i).role == SCALE_ABLATION])
     return [*single, config["report"]["reference"]] if single and bucketed_tasks(config) else []
+
+
+def table4_inits(config: Mapping[str, Any]) -> list[str]:
+    """Rows of Table 4 (every label ratio): ``finetune.inits`` in the paper's order."""
+    return table_order(config, list(config["finetune"]["inits"]))
 
 
 def finetune_jobs(

@@ -18,6 +18,7 @@ SIZE_BUCKETS = "{results}/splits/{task}/size_buckets.json"
 CUBES = "{results}/cubes/{dataset}"
 PRETRAINED = "{results}/models/pretrain/{method}/model.pt"
 PRETRAIN_CHECKPOINT = "{results}/models/pretrain/{method}/checkpoint.pt"
+PRETRAIN_ARTEFACT = "{results}/artefacts/{method}/{artefact}/{dataset}"  # a method's cached per-volume files
 FINETUNED = "{results}/models/finetune/{task}/{init}/r{ratio}/fold{fold}/model.pt"
 FINETUNE_CHECKPOINT = "{results}/models/finetune/{task}/{init}/r{ratio}/fold{fold}/checkpoint.pt"
 EVALUATION = "{results}/eval/{task}/{init}/r{ratio}/fold{fold}.csv"

@@ -1,12 +1,17 @@
 # Shared wiring: the resolved study config, path templates and the job grid.
 # Path templates live in sar3d.paths so rules and Python code never disagree.
 
+from dataclasses import asdict
+
 import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from sar3d import grid, paths, slurm
-from sar3d.config import SCRATCH, ConfigError, resources_for, validate_config
+from sar3d.config import ConfigError, resources_for, validate_config
+from sar3d.pretraining import registry
+from sar3d.pretraining.base import VOLUMES
+from sar3d.pretraining.registry import SCRATCH
 
 # sar3d's own check first: it names the offending key in one line (and cross-checks
 # datasets, tasks and methods); then Snakemake's validate fills schema defaults.
@@ -32,6 +37,13 @@ if workflow.is_main_process:
 container: STUDY["container"]
 
 SEED = STUDY["seed"]
+
+# Every rule runs `sar3d <stage>` behind this prefix: the rule name for MLflow's `rule`
+# tag, and OpenMP limited to the job's threads.
+SAR3D = "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d"
+
+# Rules upstream of pre-training (the critical path) start ahead of fine-tuning from scratch.
+CRITICAL_PATH = 10
 
 
 def _write_if_changed(path, text):
@@ -101,11 +113,36 @@ def rule_threads(group):
     return resources_for(STUDY, group)["threads"]
 
 
+def pretrain_inputs(wildcards):
+    """A pre-training job's inputs: the cube shards (they fix every case's split), and the
+    normalised volumes and artefact folders when its kind declares them."""
+    cls = registry.method_class(STUDY, wildcards.method)
+    datasets = list(STUDY["pretrain"]["datasets"])
+    out = {"cubes": [path(paths.CUBES, dataset=d) for d in datasets], "tracking": TRACKING}
+    if cls.input == VOLUMES:
+        out["volumes"] = [path(paths.PREPROCESSED_PRETRAIN, dataset=d) for d in datasets]
+    for artefact in cls.artefacts:
+        out[f"artefact_{artefact}"] = [
+            path(paths.PRETRAIN_ARTEFACT, method=wildcards.method, artefact=artefact, dataset=d) for d in datasets
+        ]
+    return out
+
+
+def pretrain_flags(wildcards, input):
+    """`sar3d pretrain` flags for the volume and artefact inputs of :func:`pretrain_inputs`."""
+    cls = registry.method_class(STUDY, wildcards.method)
+    flags = [f"--volumes {' '.join(input.volumes)}"] if cls.input == VOLUMES else []
+    for artefact in cls.artefacts:
+        flags += [f"--artefact {artefact}={folder}" for folder in input[f"artefact_{artefact}"]]
+    return " ".join(flags)
+
+
 
 wildcard_constraints:
     dataset="|".join(STUDY["datasets"]),
     task="|".join(STUDY["tasks"]),
     method="|".join(STUDY["pretrain"]["methods"]),
     init="|".join(grid.all_inits(STUDY)),
+    artefact=r"[A-Za-z0-9_]+",
     fold=r"\d+",
     ratio=r"[0-9.]+",

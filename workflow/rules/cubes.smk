@@ -12,13 +12,12 @@ rule cubes:
     params:
         cubes=STUDY["cubes"],
         seed=SEED,
-    # upstream of pre-training (the critical path): ahead of fine-tuning from scratch
-    priority: 10
+    priority: CRITICAL_PATH
     threads: rule_threads("data")
     resources:
         **rule_resources("data"),
     log:
         log("cubes", "{dataset}"),
     shell:
-        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d cubes --config {STUDY_CONFIG} --dataset {wildcards.dataset} --data {input.data}"
+        SAR3D + " cubes --config {STUDY_CONFIG} --dataset {wildcards.dataset} --data {input.data}"
         " --heldout {input.heldout} --out {output} > {log} 2>&1"

@@ -24,6 +24,6 @@ rule evaluate:
     benchmark:
         bench("evaluate", "{task}-{init}-r{ratio}-fold{fold}"),
     shell:
-        "OMP_NUM_THREADS={threads} sar3d evaluate --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
+        SAR3D + " evaluate --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
         " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"
         " --model {input.model} --out {output.csv} --predictions {output.predictions} > {log} 2>&1"

@@ -32,6 +32,6 @@ rule finetune:
     benchmark:
         bench("finetune", "{task}-{init}-r{ratio}-fold{fold}"),
     shell:
-        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d finetune --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
+        SAR3D + " finetune --config {STUDY_CONFIG} --task {wildcards.task} --init {wildcards.init}"
         " --ratio {wildcards.ratio} --fold {wildcards.fold} --split {input.split} --data {input.data}"
         " {params.pretrained} --out {output} --checkpoint {params.checkpoint} > {log} 2>&1"

@@ -10,15 +10,14 @@ rule normalise_pretrain:
     params:
         preprocess=STUDY["preprocess"],
         channels=lambda wc: STUDY["pretrain"]["datasets"].get(wc.dataset),
-    # upstream of pre-training (the critical path): ahead of fine-tuning from scratch
-    priority: 10
+    priority: CRITICAL_PATH
     threads: rule_threads("data")
     resources:
         **rule_resources("data"),
     log:
         log("normalise_pretrain", "{dataset}"),
     shell:
-        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d normalise --config {STUDY_CONFIG} --dataset {wildcards.dataset}"
+        SAR3D + " normalise --config {STUDY_CONFIG} --dataset {wildcards.dataset}"
         " --raw {input.raw} --out {output} > {log} 2>&1"
 
 
@@ -31,13 +30,12 @@ rule normalise_task:
     params:
         preprocess=STUDY["preprocess"],
         task=lambda wc: {k: v for k, v in STUDY["tasks"][wc.task].items() if k != "split"},
-    # upstream of pre-training (the critical path): ahead of fine-tuning from scratch
-    priority: 10
+    priority: CRITICAL_PATH
     threads: rule_threads("data")
     resources:
         **rule_resources("data"),
     log:
         log("normalise_task", "{task}"),
     shell:
-        "SAR3D_RULE={rule} OMP_NUM_THREADS={threads} sar3d normalise --config {STUDY_CONFIG} --task {wildcards.task}"
+        SAR3D + " normalise --config {STUDY_CONFIG} --task {wildcards.task}"
         " --raw {input.raw} --out {output} > {log} 2>&1"

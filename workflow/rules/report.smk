@@ -1,4 +1,4 @@
-# Tables and figures of the paper from the study grid (sar3d.report, sar3d.figures).
+# Tables and figures of the paper from the study grid (sar3d.reporting.report, sar3d.reporting.figures).
 # Inputs are the evaluations, so the DAG builds them. For a partial grid (some jobs
 # failed): `snakemake --keep-going`, then `sar3d report-all --config results/config/study.yaml`
 # writes every table and figure from whichever evaluations exist, marking the rest "—".
@@ -30,11 +30,12 @@ def figure_path(name, ext):
     return path(paths.FIGURE, figure=name, ext=ext)
 
 
-REPORT_PARAMS = {"report": STUDY["report"], "tasks": STUDY["tasks"], "inits": grid.all_inits(STUDY)}
-
-
-def table2_outputs():
-    return [path(paths.TABLE2), path(paths.TABLE2_MD)]
+# the rows' names and order come from the methods' blocks (a renamed row reruns the tables)
+REPORT_PARAMS = {
+    "report": STUDY["report"],
+    "tasks": STUDY["tasks"],
+    "inits": {init: asdict(registry.describe(STUDY, init)) for init in grid.all_inits(STUDY)},
+}
 
 
 def report_outputs():
@@ -67,9 +68,9 @@ rule report_table2:
     log:
         log("report", "table2"),
     shell:
-        "(sar3d report --config {STUDY_CONFIG} --evaluations {input.evaluations}"
+        "(" + SAR3D + " report --config {STUDY_CONFIG} --evaluations {input.evaluations}"
         " --out-csv {output.csv} --out-md {output.md}"
-        " && sar3d report --config {STUDY_CONFIG} --table table2_hd95 --evaluations {input.evaluations}"
+        " && " + SAR3D + " report --config {STUDY_CONFIG} --table table2_hd95 --evaluations {input.evaluations}"
         " --out-csv {output.hd95_csv} --out-md {output.hd95_md}) > {log} 2>&1"
 
 
@@ -89,7 +90,7 @@ rule report_table3:
     log:
         log("report", "table3"),
     shell:
-        "sar3d report --config {STUDY_CONFIG} --table table3 --evaluations {input.evaluations}"
+        SAR3D + " report --config {STUDY_CONFIG} --table table3 --evaluations {input.evaluations}"
         " --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
 
 
@@ -112,7 +113,7 @@ rule report_table4:
     log:
         log("report", "table4"),
     shell:
-        "sar3d report --config {STUDY_CONFIG} --table table4 --evaluations {input.evaluations}"
+        SAR3D + " report --config {STUDY_CONFIG} --table table4 --evaluations {input.evaluations}"
         " --out-csv {output.csv} --out-md {output.md} --out-figure {output.png} {output.svg} > {log} 2>&1"
 
 
@@ -135,7 +136,7 @@ rule figure_loss_curves:
     log:
         log("figure", "loss_curves_{task}"),
     shell:
-        "sar3d figure --config {STUDY_CONFIG} --kind loss --task {wildcards.task}"
+        SAR3D + " figure --config {STUDY_CONFIG} --kind loss --task {wildcards.task}"
         " --out {output.png} {output.svg} > {log} 2>&1"
 
 
@@ -159,7 +160,7 @@ rule figure_qualitative:
     log:
         log("figure", "qualitative_{task}"),
     shell:
-        "sar3d figure --config {STUDY_CONFIG} --kind qualitative --task {wildcards.task} --data {input.data}"
+        SAR3D + " figure --config {STUDY_CONFIG} --kind qualitative --task {wildcards.task} --data {input.data}"
         " --split {input.split} {params.predictions} --out {output.png} {output.svg} > {log} 2>&1"
 
 

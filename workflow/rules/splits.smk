@@ -22,10 +22,9 @@ for _task, _spec in STUDY["tasks"].items():
             buckets=_spec.get("size_buckets_mm3"),
             seed=SEED,
             out_dir=str(paths.fill(paths.HELDOUT, R, task=_task).parent),
-        # the held-out list gates the cubes, upstream of pre-training (the critical path)
-        priority: 10
+        priority: CRITICAL_PATH  # the held-out list gates the cubes
         log:
             log("split", _task),
         shell:
-            "SAR3D_RULE={rule} sar3d split --config {STUDY_CONFIG} --task {params.task}"
+            SAR3D + " split --config {STUDY_CONFIG} --task {params.task}"
             " --data {input.data} --out-dir {params.out_dir} > {log} 2>&1"

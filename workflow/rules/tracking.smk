@@ -13,4 +13,4 @@ rule tracking_init:
     log:
         log("tracking_init", "tracking"),
     shell:
-        "SAR3D_RULE={rule} sar3d tracking-init --config {STUDY_CONFIG} > {log} 2>&1"
+        SAR3D + " tracking-init --config {STUDY_CONFIG} > {log} 2>&1"

@@ -3,7 +3,7 @@
 The raw folder is MSD-shaped (docs/architecture.md), but researchers have BraTS2018,
 LUNA16 and LiTS as the challenges ship them. One class per layout knows where a
 case's files are, how to read them (nibabel for NIfTI, SimpleITK for MetaImage) and
-which label values are valid. The ``folder`` source (``sar3d.download``) converts and
+which label values are valid. The ``folder`` source (``sar3d.data.download``) converts and
 ``sar3d inspect`` reports through the same classes, so both stop on the same problems.
 """
 
@@ -18,8 +18,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from sar3d.data.metaimage import load_metaimage, raw_file_problem
 from sar3d.io import InputDataError, check_labels, check_same_grid, load_volume, read_json
-from sar3d.metaimage import load_metaimage, raw_file_problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 

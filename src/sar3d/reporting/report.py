@@ -15,13 +15,13 @@ columns = :class:`Column`); only the specs differ:
 * ``table4`` - every init at every ``finetune.label_ratios`` entry; per task its
   headline number: the first class over all cases for a bucketed task (``Tumour
   all``), else the mean of the classes' Dice (pancreas: the paper's "MSD
-  (Average)"). A figure of the same is drawn by :mod:`sar3d.figures`.
+  (Average)"). A figure of the same is drawn by :mod:`sar3d.reporting.figures`.
 
 Each cell is computed in two stages, as the paper reports it: per fold (or
 trial) the mean over that fold's test cases (NaN rows excluded; for an average
 column the mean of the classes' per-fold means), then mean ± sample standard
 deviation (ddof = 1) over folds, Dice ×100. Every other init is compared with
-``report.reference`` (SAR) per column over folds (:mod:`sar3d.stats`): t-test
+``report.reference`` (SAR) per column over folds (:mod:`sar3d.reporting.stats`): t-test
 p-value and a seeded bootstrap CI of the difference of means.
 
 The best cell of each column (highest Dice / lowest HD95, among cells with
@@ -52,20 +52,17 @@ import numpy as np
 import pandas as pd
 
 from sar3d import paths
-from sar3d.evaluate import CSV_COLUMNS, OPTIONAL_COLUMNS, sidecar_path
-from sar3d.grid import bucketed_tasks, configured_tables, finetune_jobs, table2_inits, table3_inits
+from sar3d.data.splits import AUTO, bucket_rule
+from sar3d.evaluation.run import CSV_COLUMNS, OPTIONAL_COLUMNS, sidecar_path
+from sar3d.grid import bucketed_tasks, configured_tables, finetune_jobs, table2_inits, table3_inits, table4_inits
 from sar3d.io import InputDataError, atomic_output, read_json
+from sar3d.pretraining.registry import display_name
+from sar3d.reporting.stats import compare
 from sar3d.seeding import derive_seed
-from sar3d.splits import AUTO, bucket_rule
-from sar3d.stats import compare
 
 log = logging.getLogger(__name__)
 
 BUCKETS = (("small", "S"), ("medium", "M"), ("large", "L"))
-DISPLAY = {
-    "scratch": "Scratch", "genesis": "Genesis", "sa": "+ SA", "mial": "+ MIAL", "sar": "SAR",
-    "sar_s2": "SAR (1/2 only)", "sar_s4": "SAR (1/4 only)", "sar_s8": "SAR (1/8 only)",
-}
 DASH = "—"
 Key = tuple[str, str, str, int]  # task, init, ratio tag, fold
 
@@ -113,10 +110,6 @@ class Grid:
     expected: dict[Key, Path]
     eval_runs: dict[Key, str]
     finetune_runs: dict[Key, str]
-
-
-def display(init: str) -> str:
-    return DISPLAY.get(init, init)
 
 
 def class_title(name: str) -> str:
@@ -266,7 +259,7 @@ def table_spec(config: Mapping[str, Any], name: str) -> TableSpec:
         ratios = sorted(config["finetune"]["label_ratios"], reverse=True)
         columns = [headline_column(config, task, r) for task in config["tasks"] for r in ratios]
         return TableSpec(name, "Table 4: Dice (%) by fraction of annotated training cases",
-                         list(config["finetune"]["inits"]), columns)
+                         table4_inits(config), columns)
     raise ValueError(f"unknown table '{name}' (known: table2, table2_hd95, table3, table4)")
 
 
@@ -408,13 +401,14 @@ def render_markdown(config: Mapping[str, Any], spec: TableSpec, table: pd.DataFr
             note = None
             if r["missing_folds"]:
                 note = (
-                    f"{display(init)}, {col.task} {col.label}: no evaluation for fold(s) {r['missing_folds']}; "
+                    f"{display_name(config, init)}, {col.task} {col.label}: no evaluation for fold(s) "
+                    f"{r['missing_folds']}; "
                     f"over the {r['n_folds']} fold(s) present: {cell}"
                 )
                 cell = DASH
             elif r["folds_without_cases"]:
                 note = (
-                    f"{display(init)}, {col.task} {col.label}: fold(s) {r['folds_without_cases']} "
+                    f"{display_name(config, init)}, {col.task} {col.label}: fold(s) {r['folds_without_cases']} "
                     f"have no test case with a value in this group; mean over {r['n_folds']} fold(s)"
                 )
             if r["best"]:
@@ -423,7 +417,7 @@ def render_markdown(config: Mapping[str, Any], spec: TableSpec, table: pd.DataFr
                 notes.append(note)
                 cell += f" [{len(notes)}]"
             cells.append(cell)
-        lines.append(f"| {display(init)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {display_name(config, init)} | " + " | ".join(cells) + " |")
     direction = "highest" if spec.metric.higher_is_better else "lowest"
     lines += [
         "",
@@ -456,8 +450,8 @@ def _comparison_markdown(
     rcfg = config["report"]
     test = "Student's" if rcfg["ttest_equal_var"] else "Welch's"
     lines = [
-        "", f"## {display(reference)} vs each other initialisation", "",
-        f"Δ = mean({display(reference)}) − mean(other) in {spec.metric.unit}, with its "
+        "", f"## {display_name(config, reference)} vs each other initialisation", "",
+        f"Δ = mean({display_name(config, reference)}) − mean(other) in {spec.metric.unit}, with its "
         f"{rcfg['confidence']:.0%} percentile bootstrap CI ({rcfg['bootstrap_samples']} resamples of the folds, "
         f"seeded); p = two-sided {test} two-sample t-test over folds. n/a: fewer than 2 folds on a side.", "",
         "| vs | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers),
@@ -471,7 +465,7 @@ def _comparison_markdown(
                 continue
             ci = "" if np.isnan(r["ci_low"]) else f" [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
             cells.append(f"Δ {r['mean_diff']:+.2f}{ci}, p {format_p(r['p_value'])}")
-        lines.append(f"| {display(init)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {display_name(config, init)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -510,7 +504,7 @@ def run_report(
         numbers = write_table(config, table, grid, out_csv, out_md)
         written = [out_csv, out_md]
         if figure:
-            from sar3d.figures import plot_label_ratios
+            from sar3d.reporting.figures import plot_label_ratios
 
             plot_label_ratios(config, numbers, [Path(p) for p in figure])
             written += [Path(p) for p in figure]
@@ -524,7 +518,7 @@ def run_report(
 
 def run_report_all(config: dict[str, Any]) -> list[Path]:
     """Every configured table and figure from whichever evaluations exist (the partial-grid recipe)."""
-    from sar3d import figures
+    from sar3d.reporting import figures
 
     results = config["results_dir"]
     written = []

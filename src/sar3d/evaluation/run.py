@@ -6,7 +6,7 @@ volume (roi = ``finetune.patch_size``, ``evaluate.sw_batch_size``,
 sigmoid of its logit exceeds 0.5. Each class is its own channel (multi-label:
 pancreas ``organ`` = labels {1, 2}, ``tumour`` = {2}), as in fine-tuning.
 
-Metrics and their empty-mask conventions are in :mod:`sar3d.metrics`: Dice is
+Metrics and their empty-mask conventions are in :mod:`sar3d.evaluation.metrics`: Dice is
 NaN when both masks are empty (excluded from means, counted ``n_empty/<class>``)
 and 0 when one is; ``hd95_mm`` (voxel spacing respected) is NaN when either is
 empty, and ``hd95_undefined`` flags the rows where exactly one is
@@ -15,9 +15,9 @@ empty, and ``hd95_undefined`` flags the rows where exactly one is
 ``volume_mm3`` is the reference volume of that class from the task manifest
 (measured on the original grid by normalisation). For tasks with
 ``size_buckets_mm3`` every row of a case carries the case's bucket, decided by
-the *first* class's volume with :func:`sar3d.splits.size_bucket` and the
+the *first* class's volume with :func:`sar3d.data.splits.size_bucket` and the
 thresholds the fold's split file records (for ``auto`` the split computed them,
-:mod:`sar3d.splits`); the rule text
+:mod:`sar3d.data.splits`); the rule text
 (e.g. ``small < 4000 mm3 <= medium < 16000 mm3 <= large``), the summary and the
 evaluation's MLflow run id go to a sidecar ``<out without .csv>.json``.
 
@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sar3d import engine
+from sar3d.data.splits import AUTO, bucket_rule, size_bucket
+from sar3d.evaluation.metrics import dice_per_class, dice_score, hd95_mm, hd95_undefined
 from sar3d.io import (
     InputDataError,
     atomic_output,
@@ -51,9 +52,8 @@ from sar3d.io import (
     voxel_spacing,
     write_json,
 )
-from sar3d.metrics import dice_per_class, dice_score, hd95_mm, hd95_undefined
 from sar3d.paths import MANIFEST
-from sar3d.splits import AUTO, bucket_rule, size_bucket
+from sar3d.training import devices, metering
 
 __all__ = ["CSV_COLUMNS", "dice_per_class", "dice_score", "run_evaluate"]  # dice_* re-exported for fine-tuning
 
@@ -132,7 +132,7 @@ def split_cases(split: Path, manifest: Mapping[str, Any], part: str) -> list[str
 
 def build_segmenter(config: Mapping[str, Any], task: str) -> torch.nn.Module:
     """The fine-tuning U-Net of a task (one logit channel per class)."""
-    from sar3d.networks import UNet3D
+    from sar3d.nets.unet import UNet3D
 
     n_classes = len(config["tasks"][task]["classes"])
     return UNet3D(in_channels=1, out_channels=n_classes, width=config["pretrain"]["width"], final_activation=None)
@@ -146,8 +146,8 @@ def predict_logits(
     """Sliding-window logits ``(C, X, Y, Z)`` (float32, CPU) of one ``(1, X, Y, Z)`` volume."""
     from monai.inferers import sliding_window_inference
 
-    x = engine.to_device(torch.as_tensor(image)[None].float(), device)
-    with engine.autocast(device, amp):
+    x = devices.to_device(torch.as_tensor(image)[None].float(), device)
+    with devices.autocast(device, amp):
         logits = sliding_window_inference(
             x,
             roi_size=tuple(config["finetune"]["patch_size"]),
@@ -184,7 +184,7 @@ def evaluate_cases(
     n_save = config["evaluate"]["save_predictions"] if predictions is not None else 0
     rows = []
     model.eval()
-    for index, case in enumerate(engine.progress(cases, len(cases), f"evaluate {task}")):
+    for index, case in enumerate(metering.progress(cases, len(cases), f"evaluate {task}")):
         item = load_case(data, manifest[case], classes)
         pred = torch.sigmoid(predict_logits(model, item["image"], config, device, amp)) > 0.5
         ref = torch.as_tensor(item["label"]).bool()
@@ -233,18 +233,18 @@ def run_evaluate(
 
     ``predictions``: a folder (written atomically) for the first test cases' predicted masks.
     """
-    from sar3d.networks import load_state_dict_file
+    from sar3d.nets.weights import load_state_dict_file
     from sar3d.tracking import tracked_run
 
-    engine.set_determinism()
+    devices.set_determinism()
     fcfg = config["finetune"]
-    device = engine.resolve_device(fcfg["device"])
-    amp = engine.resolve_precision(fcfg["precision"], device)
+    device = devices.resolve_device(fcfg["device"])
+    amp = devices.resolve_precision(fcfg["precision"], device)
     manifest = read_manifest(data)
     cases = split_cases(split, manifest, "test")
     net = build_segmenter(config, task)
     net.load_state_dict(load_state_dict_file(model), strict=True)
-    net = engine.prepare_model(net, device)
+    net = devices.prepare_model(net, device)
     thresholds = fold_size_buckets(config, task, split)
 
     identity = {"task": task, "init": init, "ratio": ratio, "fold": fold}

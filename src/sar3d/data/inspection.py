@@ -1,7 +1,7 @@
 """``sar3d inspect PATH``: what a dataset folder holds and every problem the data stage would stop on.
 
 Meant for before a study is configured on a folder: it recognises the layout with
-the same classes the ``folder`` source converts with (``sar3d.layouts``), reads
+the same classes the ``folder`` source converts with (``sar3d.data.layouts``), reads
 every case, and keeps going past problems so that one run lists all of them.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from sar3d.data.layouts import Layout, open_layout
 from sar3d.io import InputDataError, atomic_output, voxel_spacing
-from sar3d.layouts import Layout, open_layout
 
 
 @dataclass

@@ -646,7 +646,7 @@ def dataset_description(kind: str, name: str, training: list[dict[str, str]]) ->
     return {
         "name": name,
         "description": f"sar3d phantom standing in for {spec.stands_in_for}",
-        "reference": "synthetic (sar3d.phantom)",
+        "reference": "synthetic (sar3d.data.phantom)",
         "licence": "CC0",
         "tensorImageSize": "4D" if len(spec.channels) > 1 else "3D",
         "modality": {str(i): c for i, c in enumerate(spec.channels)},

@@ -17,7 +17,7 @@ that are ready to train on.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ class BalancedBatchSampler(Sampler[np.ndarray]):
 
 def _seed_worker(worker_id: int) -> None:
     """Seed numpy and random in a worker from its torch seed (itself from the loader's generator)."""
-    from sar3d.engine import keep_freed_memory
+    from sar3d.training.devices import keep_freed_memory
 
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -223,57 +223,59 @@ def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-Corrupt = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+# a method's view maker: raw batch and a seeded generator -> the batch its step trains on
+Views = Callable[[dict[str, Any], torch.Generator], dict[str, Any]]
+# index batches of one epoch: (store, batch_size, seed, epoch, n_batches) -> one index array per batch
+Sampler_ = Callable[[Any, int, int, int, int], Iterable[np.ndarray]]
 
 
 def batch_generator(
-    corrupt_seed: int, epoch: int, global_step: int, device: torch.device | str = "cpu"
+    views_seed: int, epoch: int, global_step: int, device: torch.device | str = "cpu"
 ) -> torch.Generator:
-    """The corruption generator of one batch: the same wherever (worker, main process, GPU) it is drawn."""
-    return torch_generator(corrupt_seed, "corrupt", epoch, global_step, device=device)
+    """The view generator of one batch: the same wherever (worker, main process, GPU) it is drawn."""
+    return torch_generator(views_seed, "corrupt", epoch, global_step, device=device)  # key kept: same numbers as before
 
 
 class PretrainBatches(Dataset):
-    """The batches of one epoch on one rank, item ``step`` = one whole batch, optionally corrupted.
+    """The batches of one epoch on one rank, item ``step`` = one whole batch, optionally made into views.
 
-    Batch indices come from one :class:`BalancedBatchSampler` over
-    ``steps * world_size`` batches, of which rank ``r`` takes every
-    ``world_size``-th starting at ``r``: ranks draw different cubes, and the
-    epoch's cubes do not depend on which rank reads them. With ``corrupt`` the
-    batch is corrupted where it is read (in a DataLoader worker when there are
-    workers), with a generator seeded by (``corrupt_seed``, epoch, global batch
-    number), so the result is the same for any number of workers and after a
-    resume.
+    Batch indices come from one ``sampler`` (by default :class:`BalancedBatchSampler`)
+    over ``steps * world_size`` batches, of which rank ``r`` takes every
+    ``world_size``-th starting at ``r``: ranks draw different samples, and the
+    epoch's samples do not depend on which rank reads them. With ``views`` (a
+    method's view maker, e.g. the Genesis corruption) the batch is made into its
+    views where it is read (in a DataLoader worker when there are workers), with a
+    generator seeded by (``views_seed``, epoch, global batch number), so the result
+    is the same for any number of workers and after a resume.
     """
 
     def __init__(
-        self, store: CubeStore, batch_size: int, seed: int, epoch: int, steps: int, *,
-        rank: int = 0, world_size: int = 1, corrupt: Corrupt | None = None, corrupt_seed: int = 0,
+        self, store: Any, batch_size: int, seed: int, epoch: int, steps: int, *,
+        rank: int = 0, world_size: int = 1, views: Views | None = None, views_seed: int = 0,
+        sampler: Sampler_ | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        sampler = BalancedBatchSampler(store, batch_size, seed, epoch, steps * world_size)
+        batches = (sampler or BalancedBatchSampler)(store, batch_size, seed, epoch, steps * world_size)
         self.store = store
-        self.batches = list(sampler)[rank::world_size]
+        self.batches = list(batches)[rank::world_size]
         self.global_step = list(range(rank, steps * world_size, world_size))
         self.epoch = epoch
-        self.corrupt = corrupt
-        self.corrupt_seed = corrupt_seed
+        self.views = views
+        self.views_seed = views_seed
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         batch = self.store.fetch(self.batches[step])
-        if self.corrupt is None:
+        if self.views is None:
             return batch
-        generator = batch_generator(self.corrupt_seed, self.epoch, self.global_step[step])
-        x_hat, target = self.corrupt(batch.pop("cube"), generator)
-        return {"x_hat": x_hat, "target": target, **batch}
+        return self.views(batch, batch_generator(self.views_seed, self.epoch, self.global_step[step]))
 
 
 def make_pretrain_loader(
-    store: CubeStore,
+    store: Any,
     batch_size: int,
     seed: int,
     epoch: int,
@@ -283,20 +285,23 @@ def make_pretrain_loader(
     *,
     rank: int = 0,
     world_size: int = 1,
-    corrupt: Corrupt | None = None,
-    corrupt_seed: int = 0,
+    views: Views | None = None,
+    views_seed: int = 0,
+    sampler: Sampler_ | None = None,
 ) -> DataLoader:
-    """A DataLoader yielding ``steps`` balanced batches (dicts) of one epoch for one rank.
+    """A DataLoader yielding ``steps`` batches (dicts) of one epoch for one rank.
 
-    Without ``corrupt`` a batch is ``{"cube", "scale", "modality"}``; with it,
-    ``{"x_hat", "target", "scale", "modality"}`` (see :class:`PretrainBatches`).
+    Without ``views`` a cube batch is ``{"cube", "scale", "modality"}`` (balanced by
+    :class:`BalancedBatchSampler`); with them, what ``views`` makes of it (see
+    :class:`PretrainBatches`). ``store`` and ``sampler`` may be any pair with a
+    ``fetch(indices)`` (e.g. :mod:`sar3d.data.volumes`).
     ``pin_memory`` defaults to CUDA being available (page-locked host memory makes
     the host-to-GPU copy asynchronous); on CPU it is off.
     """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     batches = PretrainBatches(store, batch_size, seed, epoch, steps, rank=rank, world_size=world_size,
-                              corrupt=corrupt, corrupt_seed=corrupt_seed)
+                              views=views, views_seed=views_seed, sampler=sampler)
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra.update(worker_init_fn=_seed_worker, prefetch_factor=2, persistent_workers=False)

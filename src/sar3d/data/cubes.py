@@ -4,7 +4,7 @@ From every pre-training volume, crops of about 1/2, 1/4 and 1/8 of the
 volume's smaller in-plane side are cut at random positions in the ratio 1:1:2
 (small crops are more diverse), then all are resized to one input size
 (64x64x32). A crop's label for the scale-aware module is the position of its
-fraction in ``cubes.scales`` (:func:`scale_index`), so reordering the scales
+fraction in ``cubes.scales`` (:func:`sar3d.data.scales.scale_index`), so reordering the scales
 reorders the labels with them.
 
 Geometry (docs/deviations.md): every crop has the *physical* aspect of the
@@ -27,7 +27,6 @@ bounded by one volume however many cubes are cut.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,10 +39,10 @@ from monai.transforms import Resize
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
+from sar3d.data.splits import round_half_up
 from sar3d.io import InputDataError, atomic_output, load_volume, read_json, voxel_spacing, write_json
 from sar3d.paths import MANIFEST
 from sar3d.seeding import numpy_rng
-from sar3d.splits import round_half_up
 from sar3d.tracking import tracked_run
 
 log = logging.getLogger(__name__)
@@ -70,22 +69,6 @@ def apportion(total: int, weights: Sequence[float]) -> list[int]:
     for i in order[: total - int(counts.sum())]:
         counts[i] += 1
     return counts.tolist()
-
-
-def scale_index(scales: Sequence[float], fraction: float) -> int:
-    """Scale label of crops cut at ``fraction`` of the volume side: its position in ``cubes.scales``.
-
-    The one mapping from a scale to its label, so nothing downstream hard-codes
-    "0 = 1/2" and a reordered ``cubes.scales`` cannot mislabel an ablation.
-
-    Args:
-        scales: ``cubes.scales`` as configured (distinct fractions).
-        fraction: the scale asked for, e.g. 0.125 for the 1/8 crops.
-    """
-    matches = [i for i, s in enumerate(scales) if math.isclose(float(s), float(fraction), rel_tol=1e-9)]
-    if len(matches) != 1:
-        raise ValueError(f"scale {fraction} is {'listed twice' if matches else 'not'} in cubes.scales {list(scales)}")
-    return matches[0]
 
 
 def cubes_per_volume(spec: Mapping[str, Any], dataset: str) -> int:

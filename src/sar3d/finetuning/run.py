@@ -2,11 +2,11 @@
 
 * Model: ``UNet3D(out_channels = number of task classes, final_activation=None)``
   at the pre-training width. ``scratch`` is a seeded random init; any other init
-  copies the pre-trained U-Net with :func:`sar3d.networks.transfer_weights`
+  copies the pre-trained U-Net with :func:`sar3d.nets.unet.transfer_weights`
   (tensors whose shapes differ - the output layer when the class count is not 1
   - keep their seeded random init); skipped keys are logged. All layers train.
 * Data: the split's ``train`` cases reduced to the label ratio with
-  :func:`sar3d.splits.nested_label_subsets` (one seeded order per (task, fold), so
+  :func:`sar3d.data.splits.nested_label_subsets` (one seeded order per (task, fold), so
   1/5 ⊂ 1/2 ⊂ 1), and so are its ``val`` cases (their own seeded order, at least
   one case; ``finetune.label_ratio_validation: full`` keeps them all), so a
   ratio covers every annotated case the run touches, model selection included.
@@ -37,14 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from sar3d import engine
-from sar3d.evaluate import build_segmenter, load_case, predict_logits, read_manifest, split_cases
+from sar3d.evaluation.run import build_segmenter, load_case, predict_logits, read_manifest, split_cases
 from sar3d.paths import ratio_tag
+from sar3d.pretraining.registry import SCRATCH
 from sar3d.seeding import derive_seed, numpy_rng
+from sar3d.training import checkpoints, devices, loop, metering, stopping
 
 log = logging.getLogger(__name__)
-
-SCRATCH = "scratch"
 
 
 def labelled_cases(
@@ -57,7 +56,7 @@ def labelled_cases(
     the fold's N annotated cases; ``label_ratio_validation: full`` keeps every
     validation case instead.
     """
-    from sar3d.splits import nested_label_subsets
+    from sar3d.data.splits import nested_label_subsets
 
     seed = config["seed"]
     train_r = nested_label_subsets(train, [ratio], numpy_rng(seed, "label_subsets", task, fold))[ratio]
@@ -104,7 +103,7 @@ def collate(samples: list[dict[str, Any]], device: torch.device) -> tuple[torch.
     labels = torch.stack([torch.as_tensor(s["label"]).as_subclass(torch.Tensor) for s in samples]).float()
     if device.type == "cuda":  # pragma: no cover - needs a GPU
         images, labels = images.pin_memory(), labels.pin_memory()
-    return engine.to_device(images, device), engine.to_device(labels, device)
+    return devices.to_device(images, device), devices.to_device(labels, device)
 
 
 OUTPUT_LAYER = "out_tr."
@@ -114,7 +113,7 @@ def init_model(
     config: dict[str, Any], task: str, init: str, fold: int, pretrained: Path | None
 ) -> tuple[torch.nn.Module, list[str]]:
     """Seeded segmentation U-Net, with pre-trained weights transferred unless ``scratch``."""
-    from sar3d.networks import load_state_dict_file, transfer_weights
+    from sar3d.nets.weights import load_state_dict_file, transfer_weights
 
     torch.manual_seed(derive_seed(config["seed"], "finetune", task, fold, "init"))
     model = build_segmenter(config, task)
@@ -141,9 +140,9 @@ def run_finetune(
 
     fcfg = config["finetune"]
     seed = config["seed"]
-    engine.set_determinism()
-    device = engine.resolve_device(fcfg["device"])
-    amp = engine.resolve_precision(fcfg["precision"], device)
+    devices.set_determinism()
+    device = devices.resolve_device(fcfg["device"])
+    amp = devices.resolve_precision(fcfg["precision"], device)
     classes = config["tasks"][task]["classes"]
     manifest = read_manifest(data)
     train_all, val_all = split_cases(split, manifest, "train"), split_cases(split, manifest, "val")
@@ -156,21 +155,21 @@ def run_finetune(
     dataset = make_patch_dataset(config, train_items)
 
     model, skipped = init_model(config, task, init, fold, pretrained)
-    model = engine.prepare_model(model, device)
+    model = devices.prepare_model(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=fcfg["lr"])
     optimizer.param_groups[0]["name"] = "unet"
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=fcfg["plateau"]["factor"], patience=fcfg["plateau"]["patience"]
     )
-    scaler = engine.make_grad_scaler(device, amp)
+    scaler = devices.make_grad_scaler(device, amp)
     loss_fn = DiceLoss(sigmoid=True, batch=True)
     val_loss_fn = DiceLoss(sigmoid=True)
-    stopper = engine.EarlyStopping(fcfg["early_stopping_patience"])
+    stopper = stopping.EarlyStopping(fcfg["early_stopping_patience"])
     tag = ratio_tag(ratio)
-    job = engine.Fit(
+    job = loop.Fit(
         models={"unet": model}, optimizers={"unet": optimizer}, schedulers={"unet": scheduler}, stopper=stopper,
         checkpoint=Path(checkpoint),
-        fingerprint=engine.fingerprint({
+        fingerprint=checkpoints.fingerprint({
             "seed": seed, "task": task, "init": init, "ratio": tag, "fold": fold, "finetune": fcfg,
             "width": config["pretrain"]["width"], "train": train, "val": val,
         }),
@@ -181,13 +180,13 @@ def run_finetune(
         # identical data stream for every init: the seed leaves the init out
         dataset.transform.set_random_state(seed=derive_seed(seed, "finetune", task, tag, fold, "crop", epoch) % 2**32)
         rng = numpy_rng(seed, "finetune", task, tag, fold, "batches", epoch)
-        meter = engine.EpochMeter()
+        meter = metering.EpochMeter()
         steps = epoch_batches(len(dataset), fcfg["batch_size"], fcfg["steps_per_epoch"], rng)
-        for indices in engine.progress(steps, len(steps), f"{task} {init} f{fold} e{epoch}"):
+        for indices in metering.progress(steps, len(steps), f"{task} {init} f{fold} e{epoch}"):
             with meter.wait():
                 x, y = collate([dataset[i][0] for i in indices], device)
             optimizer.zero_grad(set_to_none=True)
-            with engine.autocast(device, amp):
+            with devices.autocast(device, amp):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
             scaler.scale(loss).backward()
@@ -198,9 +197,9 @@ def run_finetune(
         return meter.means(), meter.timing("patches")
 
     def validate(epoch: int) -> tuple[dict[str, float], float]:
-        from sar3d.evaluate import dice_per_class
+        from sar3d.evaluation.run import dice_per_class
 
-        meter = engine.EpochMeter()
+        meter = metering.EpochMeter()
         for item in (val_items or train_items):  # no val case: fall back to training volumes (logged)
             logits = predict_logits(model, item["image"], config, device, amp)
             ref = torch.as_tensor(item["label"])
@@ -221,7 +220,7 @@ def run_finetune(
             "transfer_skipped": ",".join(skipped) if skipped else "-",
             "validation_on": "val" if val_items else "train (no val cases)",
         })
-        state = engine.fit(job, train_epoch, validate, run)
-        engine.save_state_dict(Path(out), state.best_weights["unet"])
-        run.metrics({**engine.final_metrics(state, stopper, fcfg["epochs"]), "final/n_transfer_skipped": len(skipped)})
+        state = loop.fit(job, train_epoch, validate, run)
+        checkpoints.save_state_dict(Path(out), state.best_weights["unet"])
+        run.metrics({**loop.final_metrics(state, stopper, fcfg["epochs"]), "final/n_transfer_skipped": len(skipped)})
         run.artifact(out)

@@ -1,6 +1,6 @@
 """The ``folder`` source: a dataset folder you have, validated and written as the study's raw MSD folder.
 
-The layout classes (``sar3d.layouts``) say where a case's files are and check them
+The layout classes (``sar3d.data.layouts``) say where a case's files are and check them
 as they read; this module decides what the raw folder holds: links where a file
 can be used as it is, NIfTI written where it cannot (stacked sequences,
 MetaImage, relabelled maps), and the dataset.json that describes it.
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sar3d import layouts
 from sar3d.config import ConfigError
+from sar3d.data import layouts
 from sar3d.io import check_labels, save_volume, voxel_spacing, write_json
 
 
@@ -59,7 +59,7 @@ def convert_folder(layout: layouts.Layout, out: Path, label_map: Mapping[str, in
     outside the set stops here with the file's name rather than deep inside training.
 
     Args:
-        layout: the source folder's layout (``sar3d.layouts.open_layout``).
+        layout: the source folder's layout (``sar3d.data.layouts.open_layout``).
         out: the (empty) raw folder to fill.
         label_map: the config's ``label_map`` (string keys), or None for the layout's own.
         allowed_after_map: label values the study's tasks accept (None: no task uses it).

@@ -4,7 +4,7 @@ Three sources share one output contract (docs/architecture.md): ``phantom``
 generates a seeded stand-in, ``msd`` fetches a Medical Segmentation Decathlon task
 from the public mirror MONAI uses (resumable, md5-checked, safely extracted), and
 ``folder`` validates an existing folder and converts it: an MSD / nnU-Net v1 folder
-is linked, the native layouts of BraTS2018, LUNA16 and LiTS (``sar3d.layouts``) are
+is linked, the native layouts of BraTS2018, LUNA16 and LiTS (``sar3d.data.layouts``) are
 converted into the same MSD layout. The folder is built under a temporary name and
 appears only when complete, ``manifest.json`` written last.
 """
@@ -29,9 +29,10 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from sar3d import phantom
 from sar3d.config import ConfigError
-from sar3d.convert import case_record, convert_folder, folder_layout
+from sar3d.data import phantom
+from sar3d.data.convert import case_record, convert_folder, folder_layout
+from sar3d.data.layouts import training_pairs
 from sar3d.io import (
     InputDataError,
     atomic_output,
@@ -39,7 +40,6 @@ from sar3d.io import (
     read_json,
     write_json,
 )
-from sar3d.layouts import training_pairs
 from sar3d.paths import MANIFEST
 from sar3d.seeding import derive_seed
 

@@ -26,6 +26,7 @@ import pandas as pd
 
 from sar3d import paths
 from sar3d.io import atomic_output, load_volume, read_json
+from sar3d.pretraining.registry import display_name
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,6 @@ def figure_paths(config: Mapping[str, Any], name: str) -> list[Path]:
     return [paths.fill(paths.FIGURE, config["results_dir"], figure=name, ext=ext) for ext in FORMATS]
 
 
-def _display(init: str) -> str:
-    from sar3d.report import display
-
-    return display(init)
-
-
 # --------------------------------------------------------------------------- Fig. 3: loss curves
 
 
@@ -69,7 +64,7 @@ def loss_histories(config: Mapping[str, Any], task: str, ratio: float = 1.0) -> 
 
     A resumed run may log an epoch twice; the last value logged for an epoch wins.
     """
-    from sar3d.report import mlflow_client, stage_runs
+    from sar3d.reporting.report import mlflow_client, stage_runs
 
     client = mlflow_client(config)
     tag = paths.ratio_tag(ratio)
@@ -98,7 +93,8 @@ def plot_loss_curves(config: Mapping[str, Any], task: str, outs: Sequence[Path])
             if sub.empty:
                 continue
             stats = sub.groupby("epoch")["value"].agg(["mean", "std", "count"])
-            line = ax.plot(stats.index + 1, stats["mean"], label=f"{_display(init)} (n={sub['fold'].nunique()})")
+            label = f"{display_name(config, init)} (n={sub['fold'].nunique()})"
+            line = ax.plot(stats.index + 1, stats["mean"], label=label)
             ax.fill_between(stats.index + 1, stats["mean"] - stats["std"].fillna(0),
                             stats["mean"] + stats["std"].fillna(0), color=line[0].get_color(), alpha=0.15)
         ax.set(xlabel="epoch", ylabel="Dice loss", title=f"{task}: {label} loss")
@@ -109,7 +105,7 @@ def plot_loss_curves(config: Mapping[str, Any], task: str, outs: Sequence[Path])
     else:
         axes[0][-1].legend(fontsize="small")
     if absent:
-        fig.text(0.01, -0.02, "no run: " + ", ".join(_display(i) for i in absent), fontsize="small")
+        fig.text(0.01, -0.02, "no run: " + ", ".join(display_name(config, i) for i in absent), fontsize="small")
     fig.suptitle(f"Fine-tuning loss (label ratio 1), mean ± std over folds - {task}")
     save_figure(fig, outs)
 
@@ -129,11 +125,11 @@ def plot_label_ratios(config: Mapping[str, Any], table4: pd.DataFrame, outs: Seq
             if rows.empty:
                 continue
             ax.errorbar(rows["ratio"], rows["mean"], yerr=rows["std"].fillna(0), marker="o", capsize=3,
-                        label=_display(init))
+                        label=display_name(config, init))
         column = sub["column"].iloc[0].rsplit(" ", 1)[0] if len(sub) else ""
         ax.set_xscale("log")
         ratios = sorted(set(sub["ratio"]))
-        from sar3d.report import ratio_label
+        from sar3d.reporting.report import ratio_label
 
         ax.set_xticks(ratios, [ratio_label(r) for r in ratios])
         ax.minorticks_off()
@@ -151,7 +147,7 @@ def plot_label_ratios(config: Mapping[str, Any], table4: pd.DataFrame, outs: Seq
 
 
 def decode_prediction(code: np.ndarray, n_classes: int) -> np.ndarray:
-    """Inverse of :func:`sar3d.evaluate.prediction_code`: ``(C, X, Y, Z)`` booleans."""
+    """Inverse of :func:`sar3d.evaluation.run.prediction_code`: ``(C, X, Y, Z)`` booleans."""
     code = np.asarray(code).astype(np.int64)
     return np.stack([(code >> c) & 1 for c in range(n_classes)]).astype(bool)
 
@@ -169,8 +165,8 @@ def plot_qualitative(
     """Rows = first test cases of the split, columns = image + reference, then each init's prediction."""
     from matplotlib.colors import ListedColormap
 
-    from sar3d.evaluate import class_channels, read_manifest
-    from sar3d.metrics import dice_score
+    from sar3d.evaluation.metrics import dice_score
+    from sar3d.evaluation.run import class_channels, read_manifest
 
     plt = _pyplot()
     classes = list(config["tasks"][task]["classes"])
@@ -190,7 +186,7 @@ def plot_qualitative(
         for col, init in enumerate([None, *inits]):
             ax = axes[row][col]
             ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
-            title = f"{case} z={z}\nreference" if init is None else _display(init)
+            title = f"{case} z={z}\nreference" if init is None else display_name(config, init)
             file = None if init is None else Path(predictions[init]) / f"{case}.nii.gz"
             if file is not None and file.exists():
                 pred = decode_prediction(load_volume(file)[0], len(classes))

@@ -1,0 +1,1 @@
+"""Data stages: download, conversion, normalisation, splits, cubes and the pre-training loaders."""

@@ -1,0 +1,1 @@
+"""Evaluation: cases, segmentation metrics and the per-job evaluation."""

@@ -1,0 +1,1 @@
+"""Fine-tuning one (task, init, label ratio, fold) on its split."""

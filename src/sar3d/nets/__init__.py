@@ -1,0 +1,1 @@
+"""Networks: the shared U-Net, the auxiliary heads, weight files."""

@@ -1,0 +1,1 @@
+"""Self-supervised pre-training: the method base class, the registry, the one run loop, the methods."""

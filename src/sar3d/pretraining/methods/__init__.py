@@ -1,0 +1,1 @@
+"""One module per pre-training method; each registers itself in :mod:`sar3d.pretraining.registry`."""

@@ -1,0 +1,1 @@
+"""Input corruptions of the pre-training pretext tasks (the Models Genesis family)."""

@@ -1,0 +1,1 @@
+"""Tables, figures, statistics and cross-study comparison from the evaluation files and MLflow."""

@@ -1,0 +1,46 @@
+"""JSON-schema helpers shared by the study config and the pre-training method blocks, and the config error."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonschema
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+def key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "<top level>"
+
+
+def resolve_ref(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    if not ref:
+        return schema
+    target: Any = root
+    for part in ref.removeprefix("#/").split("/"):
+        target = target[part]
+    merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return merged
+
+
+def fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:
+    schema = resolve_ref(schema, root)
+    if not isinstance(instance, dict):
+        return
+    props: dict[str, Any] = schema.get("properties", {})
+    for name, sub in props.items():
+        sub = resolve_ref(sub, root)
+        if name not in instance and "default" in sub:
+            instance[name] = copy.deepcopy(sub["default"])
+        if name in instance:
+            fill_defaults(instance[name], sub, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for name, value in instance.items():
+            if name not in props:
+                fill_defaults(value, extra, root)
