@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sar3d.networks import UNet3D
-from sar3d.normalise import minmax_to_unit
-from sar3d.phantom import generate_case
+from sar3d.data.normalise import minmax_to_unit
+from sar3d.data.phantom import generate_case
+from sar3d.nets.unet import UNet3D
 from sar3d.pretraining.methods.separeg import (
     RegionViews,
     SiameseBranch,

@@ -9,8 +9,10 @@ import peers_fixtures as fx
 import pytest
 import torch
 
-from sar3d.io import InputDataError
-from sar3d.networks import UNet3D
+from sar3d.io import InputDataError, save_volume, write_json
+from sar3d.nets.unet import ENCODER_PREFIXES, UNet3D
+from sar3d.paths import MANIFEST
+from sar3d.pretraining import registry
 from sar3d.pretraining.methods.separeg import (
     RandomGaussianBlur3d,
     RegionViews,
@@ -30,6 +32,7 @@ from sar3d.pretraining.methods.separeg_regions import (
     region_crop,
     save_regions,
 )
+from sar3d.pretraining.run import Trainer
 
 SMALL = (32, 32, 16)  # half-size crops keep the training tests cheap on a shared CPU
 
@@ -195,3 +198,39 @@ def check_distillation(separated: list[tuple[np.ndarray, Regions]]) -> None:
         for key, value in module.state_dict().items():
             assert torch.equal(saved[key], value), key
         assert all(p.grad is None for p in module.parameters())
+
+
+def test_separeg_artefact_and_phases_through_the_seam(tmp_path: Path) -> None:
+    """Regions are made once per case by the artefact hook; SimSiam, then k-means, experts and distillation."""
+    block = {"kind": "separeg", "regions_per_volume": 2, "clusters": 2, "bank_size": 16, "inter_fraction": 0.25,
+             "hidden": 32, "projection": 16}
+    config = fx.method_config("separeg", block)
+    kinds = ["chest_ct", "liver_ct"]
+    volumes = tmp_path / "volumes"
+    entries = []
+    for kind in kinds:
+        volume, spacing = fx.phantom_volume(kind)
+        for channel in (0, 1):  # two channels of one case share one partition
+            save_volume(volumes / f"images/{kind}_c{channel}.nii.gz", volume, np.diag([*spacing, 1.0]))
+            entries.append({"case": kind, "channel": channel, "image": f"images/{kind}_c{channel}.nii.gz"})
+    write_json(volumes / MANIFEST, {"dataset": "phantoms", "modality": "CT", "cases": entries})
+    cls = registry.method_class(config, "separeg")
+    cls.make_artefact(config, "separeg", "regions", volumes, tmp_path / "regions")
+    assert sorted(p.name for p in (tmp_path / "regions").iterdir()) == ["chest_ct.npz", "liver_ct.npz"]
+
+    with fx.one_thread():
+        method = registry.build(config, "separeg", torch.device("cpu"))
+        method.artefact_dirs = {"regions": (tmp_path / "regions",)}
+        trainer = Trainer.single(method)
+        generator = torch.Generator().manual_seed(0)
+        raw = fx.volume_batch(kinds * 2)
+        phases = []
+        for _ in range(method.inter_steps + 1):
+            terms = trainer.train_step(method.make_views(raw, generator))
+            phases.append("loss_simsiam" in terms)
+    assert phases == [True] * method.inter_steps + [False]
+    assert {"loss_distil_shared", "loss_distil_experts", "objective"} <= set(terms)
+    assert bool(method.heads["phase"].clustered)
+    exported = method.exported(method.unet.state_dict())
+    assert exported and all(k.startswith(ENCODER_PREFIXES) for k in exported)  # fine-tuning gets the encoder
+    assert not any(k.startswith(("up_tr", "out_tr")) for k in exported)

@@ -11,8 +11,9 @@ import peers_fixtures as fx
 import pytest
 import torch
 
-from sar3d.cubes import resize_crops
-from sar3d.networks import UNet3D
+from sar3d.data.cubes import resize_crops
+from sar3d.nets.unet import UNet3D
+from sar3d.pretraining import registry
 from sar3d.pretraining.methods.vectorpose import (
     BoundaryTarget,
     ConstantPaint,
@@ -32,7 +33,8 @@ from sar3d.pretraining.methods.vectorpose_geometry import (
     point_vectors,
     spherical_targets,
 )
-from sar3d.transforms import GenesisConfig
+from sar3d.pretraining.run import Trainer
+from sar3d.pretraining.transforms.genesis import GenesisConfig
 
 ORIENTATIONS = [
     Orientation(tuple(flips), tuple(turns))
@@ -230,3 +232,19 @@ def check_losses_fall(phantom_volume: np.ndarray) -> None:
         start = np.mean([h[key] for h in history[:3]])
         end = np.mean([h[key] for h in history[-3:]])
         assert end < start, (key, start, end)
+
+
+def test_vectorpose_trains_through_the_seam() -> None:
+    config = fx.method_config("vectorpose", {"kind": "vectorpose"})
+    with fx.one_thread():
+        method = registry.build(config, "vectorpose", torch.device("cpu"))
+        trainer = Trainer.single(method)
+        batch = method.make_views(fx.volume_batch(["chest_ct", "liver_ct"]), torch.Generator().manual_seed(0))
+        terms = trainer.train_step(batch)
+    assert batch["inputs"].shape == (2, 1, *config["cubes"]["size"])
+    assert method.unet.out_channels == 2
+    expected = {"loss_r", "loss_theta", "loss_phi", "loss_vector", "loss_recon", "loss_boundary", "objective"}
+    assert expected <= set(terms)
+    assert all(np.isfinite(float(v)) for v in terms.values())
+    assert set(method.exported(method.unet.state_dict())) == set(method.unet.state_dict())
+    assert registry.describe(config, "vectorpose").display == "VectorPOSE"

@@ -23,6 +23,8 @@ from sar3d.schema import ConfigError, fill_defaults, key_path
 METHOD_MODULES = (
     "sar3d.pretraining.methods.genesis",
     "sar3d.pretraining.methods.sar",
+    "sar3d.pretraining.methods.vectorpose",
+    "sar3d.pretraining.methods.separeg",
 )
 SCRATCH = "scratch"  # the init without pre-training
 

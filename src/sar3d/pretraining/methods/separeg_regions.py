@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import slic
 
-from sar3d.cubes import resize_crops
+from sar3d.data.cubes import resize_crops
 from sar3d.io import InputDataError, atomic_output
 
 __all__ = [

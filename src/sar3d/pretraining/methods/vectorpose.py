@@ -15,9 +15,9 @@ losses. Geometry lives in :mod:`.vectorpose_geometry`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from scipy.ndimage import median_filter
 from skimage.filters import scharr
 from torch import Tensor, nn
 
-from sar3d.cubes import resize_crops
+from sar3d.data.cubes import resize_crops
+from sar3d.pretraining.base import VOLUMES, Batch, PretrainMethod, Terms
 from sar3d.pretraining.methods.vectorpose_geometry import (
     N_POINTS,
     CropBox,
@@ -36,7 +37,8 @@ from sar3d.pretraining.methods.vectorpose_geometry import (
     sample_orientation,
     spherical_targets,
 )
-from sar3d.transforms import GenesisConfig, local_pixel_shuffle, nonlinear_intensity, paint_masks
+from sar3d.pretraining.registry import register
+from sar3d.pretraining.transforms.genesis import GenesisConfig, local_pixel_shuffle, nonlinear_intensity, paint_masks
 
 __all__ = [
     "VECTORPOSE_CORRUPTION",
@@ -327,3 +329,98 @@ def boundary_losses(output: Tensor, clean: Tensor, boundary: Tensor) -> dict[str
         "loss_recon": F.l1_loss(output[:, 0:1], clean.float()),
         "loss_boundary": F.l1_loss(output[:, 1:2], boundary.float()),
     }
+
+
+# ---------------------------------------------------------------------------------------------- the method
+
+NUMBER = {"type": "number", "minimum": 0}
+
+
+class VectorNet(nn.Module):
+    """U-Net and VP head as one module, so DDP syncs both: ``(raw vectors (B, 9, 3), sigmoid output (B, 2, ...))``."""
+
+    def __init__(self, unet: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.head = head
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.unet.encode(x)
+        return self.head(features), self.unet.decode(features)
+
+
+@register
+class VectorPose(PretrainMethod):
+    """VectorPOSE on the shared U-Net: crops of whole normalised volumes, VP head, 2-channel BFR output."""
+
+    kind = "vectorpose"
+    display = "VectorPOSE"
+    rank = 60.0
+    input = VOLUMES
+    block_schema: ClassVar[dict[str, Any]] = {
+        "views_per_volume": {"type": "integer", "minimum": 1, "default": 1,
+                             "description": "Crops per volume in a batch (released: 9 crops x 2 volumes)."},
+        "scale_range": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 2,
+                        "maxItems": 2, "default": [0.5, 1.5],
+                        "description": "Crop extent as a uniform fraction of cubes.size voxels."},
+        "min_mean": {**NUMBER, "default": 0.05, "description": "Crops darker on average are redrawn."},
+        "max_tries": {"type": "integer", "minimum": 1, "default": 10, "description": "Draws per view at most."},
+        "corruption": {
+            "type": "object", "default": {}, "description": "Genesis-style keys over VectorPOSE's released rates.",
+        },
+        "loss_weights": {
+            "type": "object", "additionalProperties": False, "default": {},
+            "properties": {
+                "vector": {**NUMBER, "default": 1.0, "description": "Weight of the VP loss (r + theta + phi)."},
+                "recon": {**NUMBER, "default": 1.0, "description": "Weight of the reconstruction L1."},
+                "boundary": {**NUMBER, "default": 1.0, "description": "Weight of the boundary L1."},
+            },
+        },
+    }
+
+    def __init__(self, name: str, config: Mapping[str, Any], device: torch.device) -> None:
+        super().__init__(name, config, device)
+        block = self.block
+        self.views = VectorPoseViews(VectorPoseConfig.from_config({
+            "out_size": config["cubes"]["size"], "scale_range": block["scale_range"],
+            "min_mean": block["min_mean"], "max_tries": block["max_tries"], "corruption": block["corruption"],
+        }, key=f"pretrain.methods.{name}"))
+        self.weights: dict[str, float] = dict(block["loss_weights"])
+
+    def out_channels(self) -> int:
+        """Two output channels: [reconstruction, boundary]."""
+        return 2
+
+    def build_heads(self) -> dict[str, Callable[[], nn.Module]]:
+        channels = list(self.unet.encoder_channels)[1:]
+        return {"vector_head": lambda: VectorHead(channels)}
+
+    def network(self) -> nn.Module:
+        return VectorNet(self.unet, self.heads["vector_head"])
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = super().param_groups()
+        groups.append({"params": list(self.heads["vector_head"].parameters()),
+                       "lr": self.optimizer_settings()["lr"], "name": "vector_head"})
+        return groups
+
+    def make_views(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """Crops of each volume with the corrupted input, both targets and the 9 vector targets."""
+        volumes = [v[0].detach().cpu().numpy() for v in batch["volumes"]]
+        views = self.views(volumes, self.block["views_per_volume"], generator)
+        rest = {k: v for k, v in batch.items() if k not in ("volumes", "case")}
+        return {**views._asdict(), **rest}
+
+    def forward(self, net: nn.Module, batch: Batch) -> Any:
+        return net(batch["inputs"])
+
+    def losses(self, outputs: Any, batch: Batch) -> tuple[torch.Tensor, Terms]:
+        raw, output = outputs
+        terms: Terms = {**vector_losses(raw, batch["vectors"]),
+                        **boundary_losses(output, batch["clean"], batch["boundary"])}
+        terms["loss_vector"] = terms["loss_r"] + terms["loss_theta"] + terms["loss_phi"]
+        w = self.weights
+        terms["objective"] = (w["vector"] * terms["loss_vector"] + w["recon"] * terms["loss_recon"]
+                              + w["boundary"] * terms["loss_boundary"])
+        terms["loss_total"] = terms["objective"]
+        return terms["loss_total"], {k: v.detach() for k, v in terms.items()}
