@@ -20,21 +20,23 @@ def paper_config(tmp_path: Path) -> dict:
 def test_paper_grid_crosses_main_inits_with_ratios_and_ablations_with_the_brain_task(tmp_path: Path) -> None:
     config = paper_config(tmp_path)
     jobs = finetune_jobs(config)
-    main = [j for j in jobs if j.init in ("scratch", "genesis", "sa", "mial", "sar")]
+    inits = ["scratch", "genesis", "vectorpose", "separeg", "sa", "mial", "sar"]
+    main = [j for j in jobs if j.init in inits]
     ablation = [j for j in jobs if j.init.startswith("sar_s")]
-    # 5 inits x 6 ratios x (5 brain trials + 5 pancreas folds); 3 ablations x 5 brain trials at ratio 1
-    assert len(main) == 5 * 6 * 10 and len(ablation) == 3 * 5 and len(jobs) == 315
+    # each main init x 6 ratios x (5 brain trials + 5 pancreas folds); 3 ablations x 5 brain trials at ratio 1
+    assert len(main) == len(inits) * 6 * 10 and len(ablation) == 3 * 5 and len(jobs) == len(main) + len(ablation)
     assert {(j.task, j.ratio) for j in ablation} == {("brain_tumour", "1")}
     assert len(set(jobs)) == len(jobs) and jobs == sorted(jobs)
-    assert all_inits(config) == ["scratch", "genesis", "sa", "mial", "sar", "sar_s2", "sar_s4", "sar_s8"]
+    assert all_inits(config) == [*inits, "sar_s2", "sar_s4", "sar_s8"]
 
 
 def test_each_table_reads_its_own_slice_of_the_grid(tmp_path: Path) -> None:
     config = paper_config(tmp_path)
     assert configured_tables(config) == ["table2", "table2_hd95", "table3", "table4"]
     t2 = table_jobs(config, "table2")
-    assert {j.ratio for j in t2} == {"1"} and {j.init for j in t2} == {"scratch", "genesis", "sa", "mial", "sar"}
-    assert len(t2) == 5 * 10
+    main = {"scratch", "genesis", "vectorpose", "separeg", "sa", "mial", "sar"}
+    assert {j.ratio for j in t2} == {"1"} and {j.init for j in t2} == main
+    assert len(t2) == len(main) * 10
     t3 = table_jobs(config, "table3")
     assert {j.init for j in t3} == {"sar_s2", "sar_s4", "sar_s8", "sar"}
     assert {j.task for j in t3} == {"brain_tumour"} and {j.ratio for j in t3} == {"1"} and len(t3) == 4 * 5
