@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import jsonschema
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -44,3 +48,16 @@ def fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -
         for name, value in instance.items():
             if name not in props:
                 fill_defaults(value, extra, root)
+
+
+def dataclass_from_block(cls: type[T], block: Mapping[str, Any], key: str, tuples: Sequence[str] = ()) -> T:
+    """A settings dataclass from a config block: unknown keys are a :class:`ConfigError` naming ``key``.
+
+    Why: a method's settings are a frozen dataclass with defaults; YAML gives lists where the
+    dataclass holds tuples (named in ``tuples``), and a typo must not silently fall back to a default.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(block) - names)
+    if unknown:
+        raise ConfigError(f"unknown {key} key(s) {unknown}; known: {sorted(names)}")
+    return cls(**{k: tuple(v) if k in tuples else v for k, v in block.items()})

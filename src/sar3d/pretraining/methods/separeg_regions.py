@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from skimage.segmentation import slic
 
 from sar3d.data.cubes import resize_crops
 from sar3d.io import InputDataError, atomic_output
+from sar3d.schema import dataclass_from_block
 
 __all__ = [
     "RegionConfig",
@@ -61,14 +62,7 @@ class RegionConfig:
     @classmethod
     def from_config(cls, section: Mapping[str, Any], key: str = "pretrain.separeg.regions") -> RegionConfig:
         """Build from a config block; unknown keys are an error naming ``key``."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise ValueError(f"unknown {key} key(s) {unknown}; known: {sorted(names)}")
-        values = dict(section)
-        if "out_size" in values:
-            values["out_size"] = tuple(values["out_size"])
-        return cls(**values)
+        return dataclass_from_block(cls, section, key, tuples=("out_size",))
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from sar3d.pretraining.methods.vectorpose_geometry import (
 )
 from sar3d.pretraining.registry import register
 from sar3d.pretraining.transforms.genesis import GenesisConfig, local_pixel_shuffle, nonlinear_intensity, paint_masks
+from sar3d.schema import dataclass_from_block
 
 __all__ = [
     "VECTORPOSE_CORRUPTION",
@@ -108,19 +109,11 @@ class VectorPoseConfig:
     @classmethod
     def from_config(cls, section: Mapping[str, Any], key: str = "pretrain.vectorpose") -> VectorPoseConfig:
         """Build from a config block; unknown keys are an error naming ``key``."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise ValueError(f"unknown {key} key(s) {unknown}; known: {sorted(names)}")
-        values: dict[str, Any] = {k: v for k, v in section.items() if k != "corruption"}
-        for name in ("out_size", "scale_range", "turn_choices"):
-            if name in values:
-                values[name] = tuple(values[name])
-        if "corruption" in section:
+        values = dict(section)
+        if "corruption" in values:
             merged = {f.name: getattr(VECTORPOSE_CORRUPTION, f.name) for f in fields(GenesisConfig)}
-            merged.update(section["corruption"])
-            values["corruption"] = GenesisConfig.from_config(merged)
-        return cls(**values)
+            values["corruption"] = GenesisConfig.from_config({**merged, **values["corruption"]})
+        return dataclass_from_block(cls, values, key, tuples=("out_size", "scale_range", "turn_choices"))
 
 
 class CropDraw(NamedTuple):
