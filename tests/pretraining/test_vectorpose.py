@@ -35,6 +35,7 @@ from sar3d.pretraining.methods.vectorpose_geometry import (
 )
 from sar3d.pretraining.run import Trainer
 from sar3d.pretraining.transforms.genesis import GenesisConfig
+from sar3d.schema import ConfigError
 
 ORIENTATIONS = [
     Orientation(tuple(flips), tuple(turns))
@@ -248,3 +249,12 @@ def test_vectorpose_trains_through_the_seam() -> None:
     assert all(np.isfinite(float(v)) for v in terms.values())
     assert set(method.exported(method.unet.state_dict())) == set(method.unet.state_dict())
     assert registry.describe(config, "vectorpose").display == "VectorPOSE"
+
+
+@pytest.mark.parametrize(("name", "block", "key"), [
+    ("vectorpose", {"kind": "vectorpose", "corruption": {"paint": 0.5}}, r"pretrain\.methods\.vectorpose\.corruption"),
+    ("separeg", {"kind": "separeg", "regions": {"segments": 8}}, r"pretrain\.methods\.separeg\.regions"),
+])
+def test_block_typos_are_config_errors_naming_the_key(name: str, block: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        fx.method_config(name, block)

@@ -333,7 +333,11 @@ def distillation_step(
 
 # ---------------------------------------------------------------------------------------------- the method
 
-REGION_KEYS = {f.name: {"type": ["number", "integer"]} for f in fields(RegionConfig) if f.name != "out_size"}
+REGION_KEYS = {
+    f.name: {"type": "integer" if isinstance(f.default, int) else "number",
+             "description": f"RegionConfig.{f.name} (see separeg_regions.RegionConfig)."}
+    for f in fields(RegionConfig) if f.name != "out_size"  # the network input is cubes.size
+}
 
 
 class _PhaseState(nn.Module):

@@ -359,7 +359,8 @@ class VectorPose(PretrainMethod):
         "min_mean": {**NUMBER, "default": 0.05, "description": "Crops darker on average are redrawn."},
         "max_tries": {"type": "integer", "minimum": 1, "default": 10, "description": "Draws per view at most."},
         "corruption": {
-            "type": "object", "default": {}, "description": "Genesis-style keys over VectorPOSE's released rates.",
+            "type": "object", "default": {}, "propertyNames": {"enum": [f.name for f in fields(GenesisConfig)]},
+            "description": "pretrain.transforms keys over VectorPOSE's released rates (VECTORPOSE_CORRUPTION).",
         },
         "loss_weights": {
             "type": "object", "additionalProperties": False, "default": {},
