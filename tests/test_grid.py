@@ -12,7 +12,7 @@ from sar3d.grid import FinetuneJob, all_inits, configured_tables, finetune_jobs,
 from tinystudy import REPO, unit_config
 
 # Table 2's rows in the paper's order (config/paper.yaml lists them so)
-PAPER_MAIN = ["scratch", "genesis", "rpl", "jigsaw", "rotation", "cpc", "mial", "sa", "sar"]
+PAPER_MAIN = ["scratch", "genesis", "rpl", "jigsaw", "rotation", "cpc", "vectorpose", "separeg", "mial", "sa", "sar"]
 
 
 def paper_config(tmp_path: Path) -> dict:
@@ -25,8 +25,8 @@ def test_paper_grid_crosses_main_inits_with_ratios_and_ablations_with_the_brain_
     jobs = finetune_jobs(config)
     main = [j for j in jobs if j.init in PAPER_MAIN]
     ablation = [j for j in jobs if j.init.startswith("sar_s")]
-    # 9 inits x 6 ratios x (5 brain trials + 5 pancreas folds); 3 ablations x 5 brain trials at ratio 1
-    assert len(main) == 9 * 6 * 10 and len(ablation) == 3 * 5 and len(jobs) == 540 + 15
+    # 11 inits x 6 ratios x (5 brain trials + 5 pancreas folds); 3 ablations x 5 brain trials at ratio 1
+    assert len(main) == 11 * 6 * 10 and len(ablation) == 3 * 5 and len(jobs) == 660 + 15
     assert {(j.task, j.ratio) for j in ablation} == {("brain_tumour", "1")}
     assert len(set(jobs)) == len(jobs) and jobs == sorted(jobs)
     assert all_inits(config) == [*PAPER_MAIN, "sar_s2", "sar_s4", "sar_s8"]
@@ -37,7 +37,7 @@ def test_each_table_reads_its_own_slice_of_the_grid(tmp_path: Path) -> None:
     assert configured_tables(config) == ["table2", "table2_hd95", "table3", "table4"]
     t2 = table_jobs(config, "table2")
     assert {j.ratio for j in t2} == {"1"} and {j.init for j in t2} == set(PAPER_MAIN)
-    assert len(t2) == 9 * 10
+    assert len(t2) == 11 * 10
     assert table2_inits(config) == PAPER_MAIN  # the paper's row order
     t3 = table_jobs(config, "table3")
     assert {j.init for j in t3} == {"sar_s2", "sar_s4", "sar_s8", "sar"}

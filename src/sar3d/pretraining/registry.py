@@ -27,6 +27,8 @@ METHOD_MODULES = (
     "sar3d.pretraining.methods.jigsaw",
     "sar3d.pretraining.methods.rotation",
     "sar3d.pretraining.methods.cpc",
+    "sar3d.pretraining.methods.vectorpose",
+    "sar3d.pretraining.methods.separeg",
 )
 SCRATCH = "scratch"  # the init without pre-training
 
