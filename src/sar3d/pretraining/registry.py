@@ -42,9 +42,10 @@ COMMON_BLOCK_SCHEMA: dict[str, Any] = {
         "type": "object", "additionalProperties": False,
         "description": "The method's own optimiser settings over 'pretrain.optimizer' (e.g. name: adam, lr).",
         "properties": {
-            "name": {"type": "string", "enum": list(OPTIMIZERS)},
-            "lr": {"type": "number", "exclusiveMinimum": 0},
-            "momentum": {"type": "number", "minimum": 0},
+            "name": {"type": "string", "enum": list(OPTIMIZERS), "description": "SGD with momentum or Adam."},
+            "lr": {"type": "number", "exclusiveMinimum": 0,
+                   "description": "Main optimiser learning rate (the U-Net; heads unless the block sets theirs)."},
+            "momentum": {"type": "number", "minimum": 0, "description": "SGD momentum."},
         },
     },
 }

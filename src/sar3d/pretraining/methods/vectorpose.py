@@ -367,6 +367,7 @@ class VectorPose(PretrainMethod):
         },
         "loss_weights": {
             "type": "object", "additionalProperties": False, "default": {},
+            "description": "Weights of the loss terms in the minimised sum (also the validation objective).",
             "properties": {
                 "vector": {**NUMBER, "default": 1.0, "description": "Weight of the VP loss (r + theta + phi)."},
                 "recon": {**NUMBER, "default": 1.0, "description": "Weight of the reconstruction L1."},
