@@ -146,10 +146,11 @@ def phantom_shards(root: Path) -> list[Path]:
     return shards
 
 
-def assert_pretrains_and_hands_over_the_encoder_only(name: str, root: Path) -> dict[str, Any]:
+def assert_pretrains_and_hands_over_the_encoder_only(name: str, term: str, root: Path) -> dict[str, Any]:
     """Pre-train block ``name`` through the run loop; fine-tuning gets its encoder and a fresh decoder.
 
-    Fresh: equal to the seeded decoder of fine-tuning from scratch, and not the
+    Every epoch's training ``term`` and validation objective are finite. Fresh:
+    equal to the seeded decoder of fine-tuning from scratch, and not the
     pre-training U-Net's (which, frozen, kept its own seeded init). Returns the
     checkpoint's per-epoch history.
     """
@@ -157,6 +158,7 @@ def assert_pretrains_and_hands_over_the_encoder_only(name: str, root: Path) -> d
     out, checkpoint = root / f"{name}.pt", root / f"{name}_ckpt.pt"
     run_pretrain(config, PretrainJob(name, tuple(phantom_shards(root / "cubes")), out, checkpoint))
     history = torch.load(checkpoint, weights_only=True)["history"]
+    assert all(np.isfinite(h[f"train/{term}"]) and np.isfinite(h["val/objective"]) for h in history)
     state = torch.load(out, weights_only=True)
     assert state and all(k.startswith(ENCODER_PREFIXES) for k in state)
     pretrained = registry.build(config, name, torch.device("cpu")).unet.state_dict()

@@ -89,5 +89,4 @@ def test_bad_config_fails_at_validation_naming_the_key(overrides, key):
 
 
 def test_pretrains_through_the_run_loop_and_fine_tunes_with_a_fresh_decoder(tmp_path):
-    history = fx.assert_pretrains_and_hands_over_the_encoder_only("rotation", tmp_path)
-    assert all(np.isfinite(h["train/loss_rot"]) and np.isfinite(h["val/objective"]) for h in history)
+    fx.assert_pretrains_and_hands_over_the_encoder_only("rotation", "loss_rot", tmp_path)

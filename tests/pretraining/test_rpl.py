@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import taleb_fixtures as fx
 import torch
@@ -61,5 +60,4 @@ def test_bad_config_fails_at_validation_naming_the_key(overrides, key):
 
 
 def test_pretrains_through_the_run_loop_and_fine_tunes_with_a_fresh_decoder(tmp_path):
-    history = fx.assert_pretrains_and_hands_over_the_encoder_only("rpl", tmp_path)
-    assert all(np.isfinite(h["train/loss_rpl"]) and np.isfinite(h["val/objective"]) for h in history)
+    fx.assert_pretrains_and_hands_over_the_encoder_only("rpl", "loss_rpl", tmp_path)

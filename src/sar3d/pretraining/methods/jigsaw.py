@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sar3d.pretraining import losses
 from sar3d.pretraining.methods.patches import (
     PATCH_TASK_SCHEMA,
     GridTaskViews,
     PatchClassifier,
     PretextMethod,
+    classification_terms,
 )
 from sar3d.pretraining.registry import register
 
@@ -103,8 +103,7 @@ def jigsaw_head(channels: int, patch: Sequence[int], embed: int, hidden: Sequenc
 
 def jigsaw_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """Softmax cross-entropy over the permutations (``loss_jig``) and accuracy (``acc_jig``)."""
-    loss, acc = losses.classification(logits, labels)
-    return {"loss_jig": loss, "acc_jig": acc}
+    return classification_terms(logits, labels, "jig")
 
 
 @register
@@ -124,6 +123,3 @@ class Jigsaw(PretextMethod):
     def build_head(self, channels: int) -> nn.Module:
         return jigsaw_head(channels, self.task.patch, self.scaled(self.task.embed), self.hidden(),
                         dropout=self.task.dropout)
-
-    def terms(self, outputs: Tensor, target: Tensor) -> dict[str, Tensor]:
-        return jigsaw_loss(outputs, target)

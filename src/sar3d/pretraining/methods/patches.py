@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sar3d.nets.unet import ENCODER_PREFIXES
+from sar3d.pretraining import losses
 from sar3d.pretraining.base import ENCODER, Batch, PretrainMethod, Terms
 
 __all__ = [
@@ -334,6 +335,12 @@ def check_head(hidden: Sequence[int], width: float, n_classes: int, key: str) ->
     return out
 
 
+def classification_terms(logits: Tensor, labels: Tensor, name: str) -> dict[str, Tensor]:
+    """Softmax cross-entropy (``loss_<name>``) and accuracy (``acc_<name>``) of a pretext classifier."""
+    loss, acc = losses.classification(logits, labels)
+    return {f"loss_{name}": loss, f"acc_{name}": acc}
+
+
 # ---------------------------------------------------------------- the four methods on the pre-training seam
 
 HEAD_SCHEMA: dict[str, Any] = {
@@ -364,10 +371,11 @@ class PretextMethod(PretrainMethod):
 
     A subclass declares ``read`` (its settings from its block's own keys,
     raising :class:`SettingError` with the key) and ``term`` (the loss term that
-    is minimised and chooses the checkpoint), and builds its views, head and
-    terms. The decoder never runs, so it is frozen (DDP skips frozen
-    parameters) and not exported: fine-tuning starts from a fresh one, as the
-    SAR paper fine-tunes these baselines.
+    is minimised and chooses the checkpoint), and builds its views and head;
+    its terms are a classifier's unless it overrides :meth:`terms`. The decoder
+    never runs, so it is frozen (DDP skips frozen parameters) and not exported:
+    fine-tuning starts from a fresh one, as the SAR paper fine-tunes these
+    baselines.
     """
 
     export = ENCODER
@@ -447,5 +455,9 @@ class PretextMethod(PretrainMethod):
         raise NotImplementedError(f"{type(self).__name__} must define build_head()")
 
     def terms(self, outputs: Any, target: Tensor) -> Terms:
-        """The logged terms of the head's outputs, :attr:`term` among them."""
-        raise NotImplementedError(f"{type(self).__name__} must define terms()")
+        """The logged terms of the head's outputs, :attr:`term` among them.
+
+        By default a classifier's (:func:`classification_terms` named after :attr:`term`);
+        CPC overrides it.
+        """
+        return classification_terms(outputs, target, self.term.removeprefix("loss_"))

@@ -17,13 +17,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from sar3d.pretraining import losses
 from sar3d.pretraining.methods.patches import (
     HEAD_SCHEMA,
     MLPHead,
     PretextMethod,
     check_head,
     check_patch,
+    classification_terms,
     deepest_size,
     gather_boxes,
     read_block,
@@ -134,8 +134,7 @@ class RotationHead(nn.Module):
 
 def rotation_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """Softmax cross-entropy over the 10 rotations (``loss_rot``) and accuracy (``acc_rot``)."""
-    loss, acc = losses.classification(logits, labels)
-    return {"loss_rot": loss, "acc_rot": acc}
+    return classification_terms(logits, labels, "rot")
 
 
 @register
@@ -158,6 +157,3 @@ class Rotation(PretextMethod):
 
     def build_head(self, channels: int) -> nn.Module:
         return RotationHead(channels, self.task.side, self.hidden(), self.task.dropout)
-
-    def terms(self, outputs: Tensor, target: Tensor) -> dict[str, Tensor]:
-        return rotation_loss(outputs, target)

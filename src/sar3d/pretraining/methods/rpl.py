@@ -17,12 +17,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from sar3d.pretraining import losses
 from sar3d.pretraining.methods.patches import (
     PATCH_TASK_SCHEMA,
     GridTaskViews,
     PatchClassifier,
     PretextMethod,
+    classification_terms,
 )
 from sar3d.pretraining.registry import register
 
@@ -58,8 +58,7 @@ def rpl_head(channels: int, patch: Sequence[int], embed: int, hidden: Sequence[i
 
 def rpl_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """Softmax cross-entropy over the 26 neighbour positions (``loss_rpl``) and accuracy (``acc_rpl``)."""
-    loss, acc = losses.classification(logits, labels)
-    return {"loss_rpl": loss, "acc_rpl": acc}
+    return classification_terms(logits, labels, "rpl")
 
 
 @register
@@ -79,6 +78,3 @@ class RelativePatchLocation(PretextMethod):
     def build_head(self, channels: int) -> nn.Module:
         return rpl_head(channels, self.task.patch, self.scaled(self.task.embed), self.hidden(),
                         dropout=self.task.dropout)
-
-    def terms(self, outputs: Tensor, target: Tensor) -> dict[str, Tensor]:
-        return rpl_loss(outputs, target)
