@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from sar3d.grid import all_inits
 from sar3d.nets.unet import ENCODER_PREFIXES
 from sar3d.pretraining import losses
 from sar3d.pretraining.base import ENCODER, Batch, PretrainMethod, Terms
@@ -396,8 +397,7 @@ class PretextMethod(PretrainMethod):
         blocks); a config with smaller cubes need not delete the blocks it does
         not use. Building the method always checks.
         """
-        finetune = config.get("finetune", {})
-        if name not in {*finetune.get("inits", ()), *finetune.get("ablation_inits", ())}:
+        if name not in all_inits(config):
             return []
         try:
             cls.settings_of(name, block, config)
