@@ -383,10 +383,11 @@ class SepaReg(PretrainMethod):
     """SepaReg on the shared U-Net: SimSiam on supervoxel regions, then k experts and distillation.
 
     Phases by training step (not yet by the run loop's ``on_epoch_start``; docs/deviations.md): the first
-    ``inter_fraction`` of the steps train the student itself with SimSiam (it is the shared network then); at the change, k-means on the bank of
-    its recent region projections gives the pseudo-organs, the shared network and the k experts are copied
-    from the student; afterwards each step trains the experts of the batch's clusters with SimSiam (side step)
-    and distils the student from its regions' experts and the frozen shared network (main step).
+    ``inter_fraction`` of the steps train the student itself with SimSiam (it is the shared network then); at
+    the change, k-means on the bank of its recent region projections gives the pseudo-organs, the shared network
+    and the k experts are copied from the student; afterwards each step trains the experts of the batch's
+    clusters with SimSiam (side step) and distils the student from its regions' experts and the frozen shared
+    network (main step).
     """
 
     kind = "separeg"
