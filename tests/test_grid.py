@@ -8,8 +8,11 @@ import pytest
 import yaml
 
 from sar3d.config import ConfigError, load_config
-from sar3d.grid import FinetuneJob, all_inits, configured_tables, finetune_jobs, table_jobs
+from sar3d.grid import FinetuneJob, all_inits, configured_tables, finetune_jobs, table2_inits, table_jobs
 from tinystudy import REPO, unit_config
+
+# Table 2's rows in the paper's order (config/paper.yaml lists them so)
+PAPER_MAIN = ["scratch", "genesis", "rpl", "jigsaw", "rotation", "cpc", "vectorpose", "separeg", "mial", "sa", "sar"]
 
 
 def paper_config(tmp_path: Path) -> dict:
@@ -20,21 +23,22 @@ def paper_config(tmp_path: Path) -> dict:
 def test_paper_grid_crosses_main_inits_with_ratios_and_ablations_with_the_brain_task(tmp_path: Path) -> None:
     config = paper_config(tmp_path)
     jobs = finetune_jobs(config)
-    main = [j for j in jobs if j.init in ("scratch", "genesis", "sa", "mial", "sar")]
+    main = [j for j in jobs if j.init in PAPER_MAIN]
     ablation = [j for j in jobs if j.init.startswith("sar_s")]
-    # 5 inits x 6 ratios x (5 brain trials + 5 pancreas folds); 3 ablations x 5 brain trials at ratio 1
-    assert len(main) == 5 * 6 * 10 and len(ablation) == 3 * 5 and len(jobs) == 315
+    # 11 inits x 6 ratios x (5 brain trials + 5 pancreas folds); 3 ablations x 5 brain trials at ratio 1
+    assert len(main) == 11 * 6 * 10 and len(ablation) == 3 * 5 and len(jobs) == 660 + 15
     assert {(j.task, j.ratio) for j in ablation} == {("brain_tumour", "1")}
     assert len(set(jobs)) == len(jobs) and jobs == sorted(jobs)
-    assert all_inits(config) == ["scratch", "genesis", "sa", "mial", "sar", "sar_s2", "sar_s4", "sar_s8"]
+    assert all_inits(config) == [*PAPER_MAIN, "sar_s2", "sar_s4", "sar_s8"]
 
 
 def test_each_table_reads_its_own_slice_of_the_grid(tmp_path: Path) -> None:
     config = paper_config(tmp_path)
     assert configured_tables(config) == ["table2", "table2_hd95", "table3", "table4"]
     t2 = table_jobs(config, "table2")
-    assert {j.ratio for j in t2} == {"1"} and {j.init for j in t2} == {"scratch", "genesis", "sa", "mial", "sar"}
-    assert len(t2) == 5 * 10
+    assert {j.ratio for j in t2} == {"1"} and {j.init for j in t2} == set(PAPER_MAIN)
+    assert len(t2) == 11 * 10
+    assert table2_inits(config) == PAPER_MAIN  # the paper's row order
     t3 = table_jobs(config, "table3")
     assert {j.init for j in t3} == {"sar_s2", "sar_s4", "sar_s8", "sar"}
     assert {j.task for j in t3} == {"brain_tumour"} and {j.ratio for j in t3} == {"1"} and len(t3) == 4 * 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import jsonschema
@@ -50,16 +50,20 @@ def fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -
                 fill_defaults(value, extra, root)
 
 
-def dataclass_from(cls: type[T], section: Mapping[str, Any], key: str) -> T:
+def dataclass_from(cls: type[T], section: Mapping[str, Any], key: str, tuples: Sequence[str] = ()) -> T:
     """``cls(**section)``: missing fields keep their defaults, an unknown key is a :class:`ConfigError`.
+
+    Why: a typo must not silently fall back to a default, and YAML gives lists where a
+    frozen settings dataclass holds tuples.
 
     Args:
         cls: a dataclass whose fields are the section's keys.
         section: the config section (e.g. ``pretrain.transforms`` or a method block's sub-mapping).
         key: the section's dotted config key, named in the error.
+        tuples: fields whose list values become tuples.
     """
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(section) - names)
     if unknown:
         raise ConfigError(f"config key '{key}': unknown key(s) {unknown}; known: {sorted(names)}")
-    return cls(**{k: section[k] for k in names if k in section})
+    return cls(**{k: tuple(section[k]) if k in tuples else section[k] for k in names if k in section})

@@ -23,6 +23,12 @@ from sar3d.schema import ConfigError, fill_defaults, key_path
 METHOD_MODULES = (
     "sar3d.pretraining.methods.genesis",
     "sar3d.pretraining.methods.sar",
+    "sar3d.pretraining.methods.rpl",
+    "sar3d.pretraining.methods.jigsaw",
+    "sar3d.pretraining.methods.rotation",
+    "sar3d.pretraining.methods.cpc",
+    "sar3d.pretraining.methods.vectorpose",
+    "sar3d.pretraining.methods.separeg",
 )
 SCRATCH = "scratch"  # the init without pre-training
 
@@ -36,9 +42,10 @@ COMMON_BLOCK_SCHEMA: dict[str, Any] = {
         "type": "object", "additionalProperties": False,
         "description": "The method's own optimiser settings over 'pretrain.optimizer' (e.g. name: adam, lr).",
         "properties": {
-            "name": {"type": "string", "enum": list(OPTIMIZERS)},
-            "lr": {"type": "number", "exclusiveMinimum": 0},
-            "momentum": {"type": "number", "minimum": 0},
+            "name": {"type": "string", "enum": list(OPTIMIZERS), "description": "SGD with momentum or Adam."},
+            "lr": {"type": "number", "exclusiveMinimum": 0,
+                   "description": "Main optimiser learning rate (the U-Net; heads unless the block sets theirs)."},
+            "momentum": {"type": "number", "minimum": 0, "description": "SGD momentum."},
         },
     },
 }

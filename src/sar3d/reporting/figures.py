@@ -89,14 +89,16 @@ def plot_loss_curves(config: Mapping[str, Any], task: str, outs: Sequence[Path])
     fig, axes = plt.subplots(1, len(LOSS_METRICS), figsize=(5 * len(LOSS_METRICS), 3.6), squeeze=False)
     inits = table2_inits(config)  # every init at label ratio 1, in the tables' order
     absent = [i for i in inits if i not in set(history["init"])]
+    # one colour per init even past ten rows (tab10 would repeat: eleven rows in the default study)
+    palette = plt.get_cmap("tab10" if len(inits) <= 10 else "tab20").colors
     for ax, (metric, label) in zip(axes[0], LOSS_METRICS, strict=True):
-        for init in inits:
+        for index, init in enumerate(inits):
             sub = history[(history["init"] == init) & (history["metric"] == metric)]
             if sub.empty:
                 continue
             stats = sub.groupby("epoch")["value"].agg(["mean", "std", "count"])
             legend = f"{display_name(config, init)} (n={sub['fold'].nunique()})"
-            line = ax.plot(stats.index + 1, stats["mean"], label=legend)
+            line = ax.plot(stats.index + 1, stats["mean"], label=legend, color=palette[index % len(palette)])
             ax.fill_between(stats.index + 1, stats["mean"] - stats["std"].fillna(0),
                             stats["mean"] + stats["std"].fillna(0), color=line[0].get_color(), alpha=0.15)
         ax.set(xlabel="epoch", ylabel="Dice loss", title=f"{task}: {label} loss")

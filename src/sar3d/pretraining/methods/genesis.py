@@ -23,6 +23,7 @@ RESTORATION_WEIGHTS = {
     "type": "object",
     "additionalProperties": False,
     "default": {},
+    "description": "Weights of the loss terms in the minimised sum (and the validation objective).",
     "properties": {
         "restoration": {"type": "number", "minimum": 0, "default": 10.0,
                         "description": "Weight of the restoration MSE."},

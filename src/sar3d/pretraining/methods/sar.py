@@ -93,6 +93,8 @@ class Sar(Genesis):
         "adversarial": {"type": "boolean", "default": True, "description": "Train against the discriminator (MIAL)."},
         "loss_weights": {
             **RESTORATION_WEIGHTS,
+            "description": "Weights of the loss terms: restoration and scale make the validation objective; "
+                           "the adversarial term is added to it for training.",
             "properties": {
                 **RESTORATION_WEIGHTS["properties"],
                 "scale": {"type": "number", "minimum": 0, "default": 1.0, "description": "Weight of the scale CE."},
@@ -102,6 +104,7 @@ class Sar(Genesis):
         },
         "lr": {
             "type": "object", "additionalProperties": False, "default": {},
+            "description": "Learning rates of the heads (the U-Net's is the optimizer's lr).",
             "properties": {
                 "scale_head": {**POSITIVE, "default": 0.1, "description": "Scale head lr (follows the plateau)."},
                 "discriminator": {**POSITIVE, "default": 0.001,

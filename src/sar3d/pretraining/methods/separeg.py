@@ -1,0 +1,594 @@
+"""SepaReg in 3D (Wang et al., AAAI 2022): region-level SimSiam, then intra-/inter-organ distillation.
+
+Why regions: pixel-level contrast treats neighbouring voxels of one map as
+negatives although they share semantics; SepaReg contrasts whole structures
+(supervoxels of :mod:`.separeg_regions`) instead. Then k-means on the shared
+network's region embeddings gives pseudo-organs; one expert per cluster learns
+its organ (intra-organ), and the student distils from its region's expert and
+from the shared network (inter-organ). The released code is 2D and partial
+(shared/specs/ssl-methods.md section 3); every 3D adaptation is a line of
+docs/deviations.md ("VectorPOSE and SepaReg").
+
+This module holds the parts that do not depend on the training loop: the view
+augmentations (one class each), the projector/predictor heads, the losses
+(pure functions), the seeded k-means and the three training steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from torch import Tensor, nn
+
+from sar3d.io import InputDataError, atomic_output, load_volume, read_json, voxel_spacing
+from sar3d.nets.unet import UNet3D, batch_statistics
+from sar3d.paths import MANIFEST
+from sar3d.pretraining.base import ENCODER, VOLUMES, Batch, PretrainMethod, StepTools, Terms, make_optimizer
+from sar3d.pretraining.methods.separeg_regions import (
+    RegionConfig,
+    Regions,
+    compute_regions,
+    load_regions,
+    region_crop,
+    save_regions,
+)
+from sar3d.pretraining.registry import register
+from sar3d.seeding import derive_seed
+
+__all__ = [
+    "PredictionHead",
+    "ProjectionHead",
+    "RandomGaussianBlur3d",
+    "RandomIntensityJitter",
+    "RandomResizedCrop3d",
+    "RegionViews",
+    "SiameseBranch",
+    "distillation_step",
+    "kmeans_clusters",
+    "make_experts",
+    "negative_cosine",
+    "region_embeddings",
+    "simsiam_loss",
+    "simsiam_step",
+    "teacher_loss",
+]
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
+    return low + (high - low) * torch.rand((n,), generator=generator, device=generator.device)
+
+
+class RandomResizedCrop3d:
+    """A random sub-box of each crop, resized back to the crop's size (trilinear).
+
+    Args:
+        side_range: each side of the sub-box as a uniform fraction of the crop's side.
+    """
+
+    def __init__(self, side_range: tuple[float, float] = (0.5, 1.0)) -> None:
+        self.side_range = side_range
+
+    def randomize(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        low, high = self.side_range
+        sides = low + (high - low) * torch.rand((n, 3), generator=generator, device=generator.device)
+        centres = (1.0 - sides) * (2.0 * torch.rand((n, 3), generator=generator, device=generator.device) - 1.0)
+        return sides, centres
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        sides, centres = self.randomize(x.shape[0], generator)
+        theta = torch.zeros((x.shape[0], 3, 4), dtype=x.dtype, device=x.device)
+        # affine_grid's coordinates run over the axes in reverse order (last axis first)
+        theta[:, [0, 1, 2], [0, 1, 2]] = sides.flip(1).to(x.dtype)
+        theta[:, :, 3] = centres.flip(1).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class RandomIntensityJitter:
+    """Brightness and contrast jitter of a grey crop (the released ColorJitter(0.8, 0.8) with p 0.3).
+
+    Args:
+        brightness: factor drawn from ``[1 - brightness, 1 + brightness]``.
+        contrast: factor drawn from ``[1 - contrast, 1 + contrast]`` about the crop's mean.
+        prob: probability per crop.
+    """
+
+    def __init__(self, brightness: float = 0.8, contrast: float = 0.8, prob: float = 0.3) -> None:
+        self.brightness = brightness
+        self.contrast = contrast
+        self.prob = prob
+
+    def randomize(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        apply = torch.rand((n,), generator=generator, device=generator.device) < self.prob
+        return (apply, _uniform(n, 1 - self.brightness, 1 + self.brightness, generator),
+                _uniform(n, 1 - self.contrast, 1 + self.contrast, generator))
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        apply, bright, contrast = (v.view(-1, 1, 1, 1, 1) for v in self.randomize(x.shape[0], generator))
+        mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
+        jittered = ((x * bright - mean * bright) * contrast + mean * bright).clamp(0.0, 1.0)
+        return torch.where(apply, jittered.to(x.dtype), x)
+
+
+class RandomGaussianBlur3d:
+    """Separable Gaussian blur with a per-crop sigma (the released GaussianBlur(3, σ 1-2) with p 0.2).
+
+    Args:
+        sigma_range: sigma in voxels, uniform.
+        kernel_size: odd kernel side.
+        prob: probability per crop.
+    """
+
+    def __init__(self, sigma_range: tuple[float, float] = (1.0, 2.0), kernel_size: int = 3,
+                 prob: float = 0.2) -> None:
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.sigma_range = sigma_range
+        self.kernel_size = kernel_size
+        self.prob = prob
+
+    def randomize(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        apply = torch.rand((n,), generator=generator, device=generator.device) < self.prob
+        return apply, _uniform(n, *self.sigma_range, generator)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        apply, sigma = self.randomize(x.shape[0], generator)
+        n, c = x.shape[:2]
+        half = self.kernel_size // 2
+        offsets = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
+        kernels = torch.exp(-0.5 * (offsets[None] / sigma[:, None].to(x.dtype)) ** 2)
+        kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one kernel per (crop, channel)
+        out = x.reshape(1, n * c, *x.shape[2:])
+        for axis in range(3):
+            shape = [n * c, 1, 1, 1, 1]
+            shape[2 + axis] = self.kernel_size
+            padding = [0, 0, 0]
+            padding[axis] = half
+            out = F.conv3d(F.pad(out, _pad_last3(padding), mode="replicate"), kernels.view(shape), groups=n * c)
+        return torch.where(apply.view(-1, 1, 1, 1, 1), out.reshape(x.shape), x)
+
+
+def _pad_last3(padding: Sequence[int]) -> list[int]:
+    """``F.pad`` order (last axis first, both sides) for per-axis paddings of the last three axes."""
+    return [p for size in reversed(padding) for p in (size, size)]
+
+
+class RegionViews:
+    """Two independently augmented views of each region crop (B, 1, X, Y, Z) in [0, 1].
+
+    Args:
+        crop: the random resized crop.
+        jitter: the intensity jitter.
+        blur: the Gaussian blur.
+    """
+
+    def __init__(self, crop: RandomResizedCrop3d | None = None, jitter: RandomIntensityJitter | None = None,
+                 blur: RandomGaussianBlur3d | None = None) -> None:
+        self.transforms = (crop or RandomResizedCrop3d(), jitter or RandomIntensityJitter(),
+                           blur or RandomGaussianBlur3d())
+
+    def view(self, crops: Tensor, generator: torch.Generator) -> Tensor:
+        out = crops
+        for transform in self.transforms:
+            out = transform(out, generator)
+        return out
+
+    def __call__(self, crops: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return self.view(crops, generator), self.view(crops, generator)
+
+
+class ProjectionHead(nn.Module):
+    """GAP of the deepest encoder map → Linear-BN-ReLU-Linear (BYOL-style projector of the released code).
+
+    Args:
+        in_channels: channels of the deepest encoder map.
+        hidden: hidden width (4096 released).
+        out: projection size (256 released).
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 4096, out: int = 256) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, deepest: Tensor) -> Tensor:
+        return self.mlp(torch.flatten(F.adaptive_avg_pool3d(deepest, 1), 1))
+
+
+class PredictionHead(nn.Module):
+    """SimSiam predictor: Linear-BN-ReLU-Linear on a projection.
+
+    Args:
+        dim: projection size.
+        hidden: hidden width.
+    """
+
+    def __init__(self, dim: int = 256, hidden: int = 4096) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, dim))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.mlp(z)
+
+
+class SiameseBranch(nn.Module):
+    """A U-Net encoder with its projector and predictor: one of SepaReg's networks (shared, expert, student).
+
+    Args:
+        unet: the backbone (only its encoder runs).
+        hidden: projector and predictor hidden width.
+        out: projection size.
+    """
+
+    def __init__(self, unet: nn.Module, hidden: int = 4096, out: int = 256) -> None:
+        super().__init__()
+        self.unet = unet
+        self.projector = ProjectionHead(unet.encoder_channels[-1], hidden, out)
+        self.predictor = PredictionHead(out, hidden)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(projection z, prediction p)`` of a batch of views."""
+        z = self.projector(self.unet.encode(x)[-1])
+        return z, self.predictor(z)
+
+
+def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
+    """SimSiam's D(p, z) = -cos(p, stop-grad(z)), averaged over the batch."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+
+def simsiam_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+    """Symmetric SimSiam loss: each view's prediction against the other view's projection."""
+    return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
+
+
+def simsiam_step(branch: SiameseBranch, optimiser: torch.optim.Optimizer, view1: Tensor, view2: Tensor) -> Tensor:
+    """One SimSiam update of ``branch`` on two views of the same regions; returns the detached loss."""
+    z1, p1 = branch(view1)
+    z2, p2 = branch(view2)
+    loss = simsiam_loss(p1, p2, z1, z2)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def region_embeddings(branch: SiameseBranch, crops: Tensor, batch_size: int = 16) -> np.ndarray:
+    """L2-normalised projections of region crops (eval mode; the branch's mode is restored)."""
+    training = branch.training
+    branch.eval()
+    try:
+        out = [F.normalize(branch(crops[i:i + batch_size])[0].float(), dim=1) for i in
+               range(0, crops.shape[0], batch_size)]
+    finally:
+        branch.train(training)
+    return torch.cat(out).numpy()
+
+
+def kmeans_clusters(embeddings: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Pseudo-organ of each region: sklearn k-means (10 seeded restarts), labels 0..k-1.
+
+    Raises:
+        ValueError: fewer regions than clusters.
+    """
+    if embeddings.shape[0] < k:
+        raise ValueError(f"k-means needs at least k={k} region embeddings, got {embeddings.shape[0]}")
+    return KMeans(n_clusters=k, n_init=10, random_state=seed % 2**32).fit_predict(embeddings).astype(np.int64)
+
+
+def make_experts(shared: SiameseBranch, k: int) -> nn.ModuleList:
+    """One expert per pseudo-organ, each starting as a copy of the shared network."""
+    return nn.ModuleList(copy.deepcopy(shared) for _ in range(k))
+
+
+def teacher_loss(teacher: SiameseBranch, s1: Tensor, s2: Tensor, view1: Tensor, view2: Tensor) -> Tensor:
+    """Released distillation (type 2) from one frozen teacher: ``D(teacher.pred(student z), teacher z)``, symmetric.
+
+    The teacher's predictor maps the student's projections ``s1``/``s2`` into its
+    space; its own projections are targets (no gradient). The teacher normalises
+    with batch statistics without moving its running statistics; the caller
+    keeps its weights out of the optimiser.
+    """
+    with batch_statistics(teacher):
+        with torch.no_grad():
+            t1, _ = teacher(view1)
+            t2, _ = teacher(view2)
+        return simsiam_loss(teacher.predictor(s1), teacher.predictor(s2), t1, t2)
+
+
+def distillation_step(
+    student: SiameseBranch, teachers: Sequence[SiameseBranch], optimiser: torch.optim.Optimizer,
+    view1: Tensor, view2: Tensor,
+) -> Tensor:
+    """One distillation update of ``student`` from frozen ``teachers`` (its region's expert and the shared net).
+
+    The loss is :func:`teacher_loss` averaged over the teachers; the teachers'
+    parameters get no gradient.
+    """
+    s1, _ = student(view1)
+    s2, _ = student(view2)
+    frozen = [p for teacher in teachers for p in teacher.parameters() if p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        loss = torch.stack([teacher_loss(t, s1, s2, view1, view2) for t in teachers]).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------- the method
+
+REGION_KEYS = {
+    f.name: {"type": "integer" if isinstance(f.default, int) else "number",
+             "description": f"RegionConfig.{f.name} (see separeg_regions.RegionConfig)."}
+    for f in fields(RegionConfig) if f.name != "out_size"  # the network input is cubes.size
+}
+
+
+class _PhaseState(nn.Module):
+    """SepaReg's phase bookkeeping as buffers, so the checkpoint (and an exact resume) carries it.
+
+    ``bank`` holds the last projections of the shared network (phase 1); at the phase change k-means on it
+    gives ``centroids`` and ``clustered`` turns on.
+    """
+
+    def __init__(self, bank_size: int, dim: int, clusters: int) -> None:
+        super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("bank", torch.zeros((bank_size, dim)))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("centroids", torch.zeros((clusters, dim)))
+        self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
+
+    def remember(self, z: Tensor) -> None:
+        """Append normalised projections to the ring bank."""
+        z = F.normalize(z.detach().float(), dim=1)
+        n = self.bank.shape[0]
+        index = (self.filled + torch.arange(z.shape[0], device=z.device)) % n
+        self.bank[index] = z[-n:] if z.shape[0] > n else z
+        self.filled += z.shape[0]
+
+
+class StudentNet(nn.Module):
+    """The exported U-Net's encoder with the student's projector and predictor: ``(z, p)`` of a view batch."""
+
+    def __init__(self, unet: nn.Module, projector: nn.Module, predictor: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.projector = projector
+        self.predictor = predictor
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.projector(self.unet.encode(x)[-1])
+        return z, self.predictor(z)
+
+
+@register
+class SepaReg(PretrainMethod):
+    """SepaReg on the shared U-Net: SimSiam on supervoxel regions, then k experts and distillation.
+
+    Phases by training step (not yet by the run loop's ``on_epoch_start``; docs/deviations.md): the first
+    ``inter_fraction`` of the steps train the student itself with SimSiam (it is the shared network then); at
+    the change, k-means on the bank of its recent region projections gives the pseudo-organs, the shared network
+    and the k experts are copied from the student; afterwards each step trains the experts of the batch's
+    clusters with SimSiam (side step) and distils the student from its regions' experts and the frozen shared
+    network (main step).
+    """
+
+    kind = "separeg"
+    display = "SepaReg"
+    rank = 65.0
+    input = VOLUMES
+    export = ENCODER
+    artefacts = ("regions",)
+    block_schema: ClassVar[dict[str, Any]] = {
+        "regions": {"type": "object", "additionalProperties": False, "default": {}, "properties": REGION_KEYS,
+                    "description": "Supervoxel settings (sar3d.pretraining.methods.separeg_regions.RegionConfig)."},
+        "regions_per_volume": {"type": "integer", "minimum": 1, "default": 1,
+                               "description": "Regions drawn from each volume of a batch."},
+        "clusters": {"type": "integer", "minimum": 1, "default": 4, "description": "Pseudo-organs (experts)."},
+        "inter_fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.5,
+                           "description": "Fraction of the training steps spent on region SimSiam alone."},
+        "bank_size": {"type": "integer", "minimum": 1, "default": 256,
+                      "description": "Recent region projections k-means runs on at the phase change."},
+        "hidden": {"type": "integer", "minimum": 1, "default": 512,
+                   "description": "Projector/predictor hidden width (released 4096)."},
+        "projection": {"type": "integer", "minimum": 1, "default": 128,
+                       "description": "Projection size (released 256)."},
+        "expert_lr": {"type": "number", "exclusiveMinimum": 0, "default": 0.01,
+                      "description": "Learning rate of the experts (SGD with the shared momentum)."},
+    }
+
+    def __init__(self, name: str, config: Mapping[str, Any], device: torch.device) -> None:
+        super().__init__(name, config, device)
+        self.region_cfg = self.region_config(config, name)
+        self.views = RegionViews()
+        total = int(self.settings["epochs"]) * int(self.settings["steps_per_epoch"])
+        self.inter_steps = max(1, round(self.block["inter_fraction"] * total))
+        self._regions: dict[str, Regions] = {}
+
+    @classmethod
+    def region_config(cls, config: Mapping[str, Any], name: str) -> RegionConfig:
+        block = config["pretrain"]["methods"][name]
+        return RegionConfig.from_config({**block.get("regions", {}), "out_size": config["cubes"]["size"]},
+                                        key=f"pretrain.methods.{name}.regions")
+
+    # ------------------------------------------------------------------ artefact
+
+    @classmethod
+    def make_artefact(cls, config: Mapping[str, Any], name: str, artefact: str, volumes: Path, out: Path) -> None:
+        """One regions ``.npz`` per case of the dataset (``<case>.npz``), from the case's first listed channel.
+
+        Why per case: the channels of a case (BraTS' four sequences) are co-registered, so one anatomical
+        partition serves all of them, and the volume batch names its case.
+        """
+        if artefact != "regions":
+            raise ValueError(f"{cls.kind} has no artefact '{artefact}' (it declares {cls.artefacts})")
+        cfg = cls.region_config(config, name)
+        manifest = read_json(Path(volumes) / MANIFEST)
+        with atomic_output(out, directory=True) as tmp:
+            for entry in manifest["cases"]:
+                target = tmp / regions_name(str(entry["case"]))
+                if target.exists():  # another channel of a case already separated
+                    continue
+                path = Path(volumes) / entry["image"]
+                array, affine = load_volume(path)
+                save_regions(target, compute_regions(array, voxel_spacing(affine), cfg, source=path))
+
+    def regions_of(self, case: str) -> Regions:
+        """The cached regions of a case, read once."""
+        name = regions_name(case)
+        if name not in self._regions:
+            for folder in self.artefact_dirs.get("regions", ()):
+                if (Path(folder) / name).exists():
+                    self._regions[name] = load_regions(Path(folder) / name)
+                    break
+            else:
+                raise InputDataError(name, f"no regions artefact in {list(self.artefact_dirs.get('regions', ()))}")
+        return self._regions[name]
+
+    # ------------------------------------------------------------------ models
+
+    def build_heads(self) -> dict[str, Callable[[], nn.Module]]:
+        deepest = self.unet.encoder_channels[-1]
+        hidden, dim, k = self.block["hidden"], self.block["projection"], self.block["clusters"]
+        width = self.settings["width"]
+
+        def branch() -> SiameseBranch:
+            return SiameseBranch(UNet3D(1, 1, width=width), hidden, dim)
+
+        return {
+            "projector": lambda: ProjectionHead(deepest, hidden, dim),
+            "predictor": lambda: PredictionHead(dim, hidden),
+            "shared": branch,
+            "experts": lambda: nn.ModuleList(branch() for _ in range(k)),
+            "phase": lambda: _PhaseState(self.block["bank_size"], dim, k),
+        }
+
+    def network(self) -> nn.Module:
+        return StudentNet(self.unet, self.heads["projector"], self.heads["predictor"])
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        lr = self.optimizer_settings()["lr"]
+        student = [*self.unet.parameters(), *self.heads["projector"].parameters(),
+                   *self.heads["predictor"].parameters()]
+        return [{"params": student, "lr": lr, "name": "student"}]
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        optimizers = super().optimizers()
+        settings = {**self.optimizer_settings(), "lr": self.block["expert_lr"]}
+        optimizers["experts"] = make_optimizer(
+            settings, [{"params": list(self.heads["experts"].parameters()), "lr": settings["lr"], "name": "experts"}])
+        return optimizers
+
+    def frozen_in_main_step(self) -> list[nn.Module]:
+        return [self.heads["shared"], self.heads["experts"]]
+
+    # ------------------------------------------------------------------ data
+
+    def make_views(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """``regions_per_volume`` random regions of each volume, two augmented views of each."""
+        per = self.block["regions_per_volume"]
+        crops = []
+        for volume, case in zip(batch["volumes"], batch["case"], strict=True):
+            regions = self.regions_of(str(case))
+            array = volume[0].detach().cpu().numpy()
+            for i in torch.randint(0, len(regions), (per,), generator=generator, device=generator.device).tolist():
+                crops.append(region_crop(array, regions, i, self.region_cfg.out_size))
+        stacked = torch.from_numpy(np.stack(crops))[:, None].to(generator.device)
+        view1, view2 = self.views(stacked, generator)
+        rest = {k: v for k, v in batch.items() if k not in ("volumes", "case")}
+        if "modality" in rest:
+            rest["modality"] = rest["modality"].repeat_interleave(per)
+        return {"view1": view1, "view2": view2, **rest}
+
+    # ------------------------------------------------------------------ the step
+
+    def forward(self, net: nn.Module, batch: Batch) -> Any:
+        z1, p1 = net(batch["view1"])
+        z2, p2 = net(batch["view2"])
+        return z1, p1, z2, p2
+
+    @torch.no_grad()
+    def clusters_of(self, view: Tensor) -> Tensor:
+        """Pseudo-organ of each region: the centroid nearest to the shared network's projection."""
+        z = F.normalize(self.heads["shared"](view)[0].float(), dim=1)
+        return torch.cdist(z, self.heads["phase"].centroids).argmin(dim=1)
+
+    def side_step(self, outputs: Any, batch: Batch, tools: StepTools) -> Terms:
+        """Phase 1: bank projections, and at the change run k-means and copy the teachers; phase 2: train experts."""
+        phase = self.heads["phase"]
+        if not bool(phase.clustered) and int(phase.step) >= self.inter_steps:
+            self._start_distillation()  # the first step after the SimSiam phase
+        phase.step += 1
+        if not bool(phase.clustered):
+            phase.remember(outputs[0])
+            return {}
+        clusters = self.clusters_of(batch["view1"])
+        terms = []
+        for k in torch.unique(clusters).tolist():
+            members = clusters == k
+            if int(members.sum()) > 1:  # BN needs two samples
+                terms.append(simsiam_step(self.heads["experts"][k], tools.optimizers["experts"],
+                                          batch["view1"][members], batch["view2"][members]))
+        return {"loss_experts": torch.stack(terms).mean()} if terms else {}
+
+    @torch.no_grad()
+    def _start_distillation(self) -> None:
+        phase = self.heads["phase"]
+        bank = phase.bank[: min(int(phase.filled), phase.bank.shape[0])].cpu().numpy()
+        seed = derive_seed(self.config["seed"], "pretrain", self.name, "kmeans")
+        labels = torch.from_numpy(kmeans_clusters(bank, phase.centroids.shape[0], seed))
+        bank_t = torch.from_numpy(bank)
+        for k in range(phase.centroids.shape[0]):
+            phase.centroids[k] = F.normalize(bank_t[labels == k].mean(0), dim=0).to(phase.centroids.device)
+        student = {"unet": self.unet.state_dict(), "projector": self.heads["projector"].state_dict(),
+                   "predictor": self.heads["predictor"].state_dict()}
+        for branch in (self.heads["shared"], *self.heads["experts"]):
+            branch.unet.load_state_dict(student["unet"])
+            branch.projector.load_state_dict(student["projector"])
+            branch.predictor.load_state_dict(student["predictor"])
+        phase.clustered.fill_(True)
+
+    def losses(self, outputs: Any, batch: Batch) -> tuple[torch.Tensor, Terms]:
+        z1, p1, z2, p2 = outputs
+        terms: Terms = {}
+        if not bool(self.heads["phase"].clustered):
+            terms["loss_simsiam"] = simsiam_loss(p1, p2, z1, z2)
+            terms["objective"] = terms["loss_simsiam"]
+        else:
+            clusters = self.clusters_of(batch["view1"])
+            shared, experts = self.heads["shared"], self.heads["experts"]
+            terms["loss_distil_shared"] = teacher_loss(shared, z1, z2, batch["view1"], batch["view2"])
+            parts = []
+            for k in torch.unique(clusters).tolist():
+                members = clusters == k
+                if int(members.sum()) > 1:  # batch-statistics BN needs two samples
+                    parts.append(teacher_loss(experts[k], z1[members], z2[members], batch["view1"][members],
+                                              batch["view2"][members]))
+            terms["loss_distil_experts"] = torch.stack(parts).mean() if parts else terms["loss_distil_shared"]
+            terms["objective"] = 0.5 * (terms["loss_distil_shared"] + terms["loss_distil_experts"])
+        terms["loss_total"] = terms["objective"]
+        return terms["loss_total"], {k: v.detach() for k, v in terms.items()}
+
+
+def regions_name(case: str) -> str:
+    """The artefact file of a case; path separators cannot occur in it."""
+    if "/" in case or "\\" in case or case in ("", ".", ".."):
+        raise ValueError(f"case id {case!r} cannot name a regions file")
+    return f"{case}.npz"

@@ -1,0 +1,424 @@
+"""VectorPOSE (Zhang et al., arXiv 2211.08533): Vector Prediction + Boundary-Focused Reconstruction.
+
+Why: the crop's position, scale and orientation inside its volume are free
+labels; predicting the vectors from 9 points of the crop to the volume's centre
+makes the encoder spatially aware, and reconstructing a boundary map next to the
+image keeps the decoder's local detail. Everything follows the released
+pre-paper code (shared/specs/ssl-methods.md section 2) on the Models Genesis
+U-Net; the adaptations are listed in docs/deviations.md ("VectorPOSE and SepaReg").
+
+This module holds the method's parts that do not depend on the training loop:
+the view generator (crops of whole normalised volumes, their targets and the
+corrupted input), the boundary target, the Vector Prediction head and the
+losses. Geometry lives in :mod:`.vectorpose_geometry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import median_filter
+from skimage.filters import scharr
+from torch import Tensor, nn
+
+from sar3d.data.cubes import resize_crops
+from sar3d.pretraining.base import VOLUMES, Batch, PretrainMethod, Terms
+from sar3d.pretraining.methods.vectorpose_geometry import (
+    N_POINTS,
+    CropBox,
+    Orientation,
+    point_vectors,
+    sample_box,
+    sample_orientation,
+    spherical_targets,
+)
+from sar3d.pretraining.registry import register
+from sar3d.pretraining.transforms.intensity import nonlinear_intensity
+from sar3d.pretraining.transforms.paint import paint_masks
+from sar3d.pretraining.transforms.settings import GenesisConfig
+from sar3d.pretraining.transforms.shuffle import local_pixel_shuffle
+from sar3d.schema import dataclass_from
+
+__all__ = [
+    "VECTORPOSE_CORRUPTION",
+    "BoundaryTarget",
+    "ConstantPaint",
+    "RandomVectorCrop",
+    "VectorHead",
+    "VectorPoseBatch",
+    "VectorPoseConfig",
+    "VectorPoseCorruption",
+    "VectorPoseViews",
+    "boundary_losses",
+    "vector_losses",
+    "wrapped_l1",
+]
+
+VECTORPOSE_CORRUPTION = GenesisConfig(
+    flip_rate=0.0,  # the released code turns the Models Genesis flip off (orientation is a label here)
+    local_shuffle_rate=0.25,
+    local_shuffle_windows=5000,
+    local_shuffle_max_window=(6, 6, 3),  # <= 10 % of each side, as in Models Genesis
+    nonlinear_rate=0.5,
+    nonlinear_inverse_rate=0.5,
+    paint_rate=0.75,
+    inpaint_rate=0.5,
+    inpaint_max_boxes=10,
+)
+"""The released VectorPOSE corruption rates in the project's Genesis fields."""
+
+
+@dataclass(frozen=True)
+class VectorPoseConfig:
+    """View and target settings; the field names are the config block's keys.
+
+    Args:
+        out_size: network input (the released 96^3 becomes the Models Genesis 64x64x32).
+        scale_range: crop extent as a uniform fraction of ``out_size`` voxels of the volume.
+        flip_rate: probability of flipping each axis.
+        turn_choices: quarter turns drawn per axis (1, 3 = 90 or 270 degrees).
+        min_mean: a crop darker than this on average is redrawn (air-only crops teach nothing).
+        max_tries: draws per view before the brightest draw is kept.
+        median_size: median filter side before the Scharr gradient.
+        boundary_offset, boundary_gain: ``clip((scharr - offset) * gain, 0, 1)``.
+        corruption: the Genesis-style corruption of the input.
+    """
+
+    out_size: tuple[int, int, int] = (64, 64, 32)
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    flip_rate: float = 0.5
+    turn_choices: tuple[int, ...] = (1, 3)
+    min_mean: float = 0.05
+    max_tries: int = 10
+    median_size: int = 5
+    boundary_offset: float = 0.01
+    boundary_gain: float = 30.0
+    corruption: GenesisConfig = field(default=VECTORPOSE_CORRUPTION)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"VectorPoseConfig.scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        if self.max_tries < 1:
+            raise ValueError(f"VectorPoseConfig.max_tries must be >= 1, got {self.max_tries}")
+        if not self.turn_choices:
+            raise ValueError("VectorPoseConfig.turn_choices must not be empty")
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], key: str = "pretrain.vectorpose") -> VectorPoseConfig:
+        """Build from a config block; unknown keys are an error naming ``key``."""
+        values = dict(section)
+        if "corruption" in values:
+            merged = {f.name: getattr(VECTORPOSE_CORRUPTION, f.name) for f in fields(GenesisConfig)}
+            values["corruption"] = GenesisConfig.from_config({**merged, **values["corruption"]})
+        return dataclass_from(cls, values, key, tuples=("out_size", "scale_range", "turn_choices"))
+
+
+class CropDraw(NamedTuple):
+    """One view's random draw: the box in the volume and the orientation applied after cropping."""
+
+    box: CropBox
+    orientation: Orientation
+
+
+class RandomVectorCrop:
+    """A crop at a random scale and position, flipped and rotated, with its 9 spherical vector targets.
+
+    Why cut the box in the source frame with permuted extents: a 90-degree turn in
+    a plane containing the 32-voxel axis would make a 64x64x32 crop 64x32x64; the
+    box is drawn with the extent that the orientation turns into
+    ``scale * out_size``, so the full released rotation scheme applies and no
+    axis is stretched.
+
+    Args:
+        cfg: the view settings.
+    """
+
+    def __init__(self, cfg: VectorPoseConfig) -> None:
+        self.cfg = cfg
+
+    def randomize(self, volume_shape: Sequence[int], generator: torch.Generator) -> CropDraw:
+        lo, hi = self.cfg.scale_range
+        scale = lo + (hi - lo) * float(torch.rand((), generator=generator, device=generator.device))
+        orientation = sample_orientation(generator, self.cfg.flip_rate, self.cfg.turn_choices)
+        extent = orientation.source_shape([scale * s for s in self.cfg.out_size])
+        return CropDraw(sample_box(volume_shape, extent, generator), orientation)
+
+    def apply(self, volume: np.ndarray, draw: CropDraw) -> tuple[np.ndarray, Tensor]:
+        """The oriented crop resized to ``out_size`` (float32) and its (9, 3) targets."""
+        crop = torch.from_numpy(np.ascontiguousarray(volume[draw.box.slices()], dtype=np.float32))
+        oriented = draw.orientation.apply(crop).numpy()
+        image = resize_crops(oriented[None], self.cfg.out_size)[0]
+        vectors = point_vectors(draw.box, volume.shape) @ draw.orientation.matrix().T
+        return image, spherical_targets(vectors, volume.shape)
+
+    def __call__(self, volume: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, Tensor]:
+        best = self.randomize(volume.shape, generator)
+        best_mean = float(volume[best.box.slices()].mean())
+        for _ in range(self.cfg.max_tries - 1):
+            if best_mean >= self.cfg.min_mean:
+                break
+            draw = self.randomize(volume.shape, generator)
+            mean = float(volume[draw.box.slices()].mean())
+            if mean > best_mean:
+                best, best_mean = draw, mean
+        return self.apply(volume, best)
+
+
+class BoundaryTarget:
+    """Boundary map of a clean crop: ``clip((scharr(median_filter(y)) - offset) * gain, 0, 1)``.
+
+    Why the median filter: it removes speckle so that the Scharr magnitude marks
+    structure edges rather than noise; offset and gain map faint gradients to 0
+    and clear edges to 1.
+
+    Args:
+        median_size: side of the cubic median window.
+        offset: gradient magnitude mapped to 0.
+        gain: scale after the offset.
+    """
+
+    def __init__(self, median_size: int = 5, offset: float = 0.01, gain: float = 30.0) -> None:
+        self.median_size = median_size
+        self.offset = offset
+        self.gain = gain
+
+    def __call__(self, clean: np.ndarray) -> np.ndarray:
+        smooth = median_filter(np.asarray(clean, dtype=np.float32), size=self.median_size)
+        edges = scharr(smooth)
+        return np.clip((edges - self.offset) * self.gain, 0.0, 1.0).astype(np.float32)
+
+
+class ConstantPaint:
+    """In-/out-painting with one constant per cube instead of noise (the released VectorPOSE fill).
+
+    The boxes come from the project's :func:`sar3d.transforms.paint_masks`, so box
+    sizes, counts and rates are those of ``cfg``.
+
+    Args:
+        cfg: the painting rates and sizes.
+    """
+
+    def __init__(self, cfg: GenesisConfig) -> None:
+        self.cfg = cfg
+
+    def randomize(self, cubes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        n = cubes.shape[0]
+        mask, _ = paint_masks(n, tuple(cubes.shape[2:]), generator, self.cfg, cubes.device)
+        values = torch.rand((n,), generator=generator, device=cubes.device, dtype=cubes.dtype)
+        return mask, values
+
+    def __call__(self, cubes: Tensor, generator: torch.Generator) -> Tensor:
+        mask, values = self.randomize(cubes, generator)
+        return torch.where(mask.unsqueeze(1), values.view(-1, 1, 1, 1, 1), cubes)
+
+
+class VectorPoseCorruption:
+    """Local shuffle, Bezier intensity curve, constant painting; no flip (the released order and rates).
+
+    Args:
+        cfg: the Genesis-style rates (:data:`VECTORPOSE_CORRUPTION` by default).
+    """
+
+    def __init__(self, cfg: GenesisConfig = VECTORPOSE_CORRUPTION) -> None:
+        self.cfg = cfg
+        self.paint = ConstantPaint(cfg)
+
+    def __call__(self, cubes: Tensor, generator: torch.Generator) -> Tensor:
+        x = local_pixel_shuffle(cubes, generator, self.cfg)
+        x = nonlinear_intensity(x, generator, self.cfg)
+        return self.paint(x, generator)
+
+
+class VectorPoseBatch(NamedTuple):
+    """One batch: corrupted input, clean and boundary targets (B, 1, X, Y, Z), vector targets (B, 9, 3)."""
+
+    inputs: Tensor
+    clean: Tensor
+    boundary: Tensor
+    vectors: Tensor
+
+
+class VectorPoseViews:
+    """``per_volume`` views of each whole normalised volume, with every target, from one generator.
+
+    Args:
+        cfg: the view settings.
+    """
+
+    def __init__(self, cfg: VectorPoseConfig) -> None:
+        self.cfg = cfg
+        self.crop = RandomVectorCrop(cfg)
+        self.boundary = BoundaryTarget(cfg.median_size, cfg.boundary_offset, cfg.boundary_gain)
+        self.corrupt = VectorPoseCorruption(cfg.corruption)
+
+    def __call__(self, volumes: Sequence[np.ndarray], per_volume: int, generator: torch.Generator) -> VectorPoseBatch:
+        """Views of ``volumes`` (numpy, on the CPU: the filters are scipy's); tensors on the generator's device."""
+        images, targets = [], []
+        for volume in volumes:
+            if volume.ndim != 3:
+                raise ValueError(f"VectorPOSE needs 3D volumes (X, Y, Z), got shape {volume.shape}")
+            for _ in range(per_volume):
+                image, target = self.crop(volume, generator)
+                images.append(image)
+                targets.append(target)
+        device = generator.device
+        clean = torch.from_numpy(np.stack(images))[:, None].to(device)
+        boundary = torch.from_numpy(np.stack([self.boundary(y) for y in images]))[:, None].to(device)
+        return VectorPoseBatch(self.corrupt(clean, generator), clean, boundary, torch.stack(targets).to(device))
+
+
+class VectorHead(nn.Module):
+    """Vector Prediction head: GAP of the three deepest encoder maps → MLP → (B, 9, 3) raw ``[r, θ, φ]``.
+
+    The released v2 head: Dropout 0.2 → Linear(C, C/2) → BN → ReLU →
+    Linear(·, hidden) → BN → ReLU → Linear(hidden, 27).
+
+    Args:
+        channels: channel counts of the three deepest encoder maps.
+        hidden: width of the second layer (256 released).
+        dropout: dropout before the first layer.
+    """
+
+    def __init__(self, channels: Sequence[int], hidden: int = 256, dropout: float = 0.2) -> None:
+        super().__init__()
+        if len(channels) != 3:
+            raise ValueError(f"VectorHead takes the 3 deepest encoder maps, got channels {list(channels)}")
+        total = int(sum(channels))
+        self.mlp = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(total, total // 2), nn.BatchNorm1d(total // 2), nn.ReLU(inplace=True),
+            nn.Linear(total // 2, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, 3 * N_POINTS),
+        )
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        pooled = torch.cat([torch.flatten(F.adaptive_avg_pool3d(f, 1), 1) for f in features[-3:]], dim=1)
+        return self.mlp(pooled).view(-1, N_POINTS, 3)
+
+
+def wrapped_l1(pred: Tensor, target: Tensor) -> Tensor:
+    """Element-wise ``min_k |pred - (target + k)|``, k in {0, 2, -2}: φ/π = 1 and -1 are one direction."""
+    diff = pred - target
+    return torch.minimum(diff.abs(), torch.minimum((diff - 2).abs(), (diff + 2).abs()))
+
+
+def vector_losses(raw: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """L1 of σ(r̂) and σ(θ̂), wrap-around L1 of tanh(φ̂), each a mean over batch and points."""
+    raw = raw.float()
+    return {
+        "loss_r": F.l1_loss(torch.sigmoid(raw[..., 0]), target[..., 0]),
+        "loss_theta": F.l1_loss(torch.sigmoid(raw[..., 1]), target[..., 1]),
+        "loss_phi": wrapped_l1(torch.tanh(raw[..., 2]), target[..., 2]).mean(),
+    }
+
+
+def boundary_losses(output: Tensor, clean: Tensor, boundary: Tensor) -> dict[str, Tensor]:
+    """L1 of the two sigmoid output channels against the clean crop and its boundary map."""
+    output = output.float()
+    return {
+        "loss_recon": F.l1_loss(output[:, 0:1], clean.float()),
+        "loss_boundary": F.l1_loss(output[:, 1:2], boundary.float()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the method
+
+NUMBER = {"type": "number", "minimum": 0}
+
+
+class VectorNet(nn.Module):
+    """U-Net and VP head as one module, so DDP syncs both: ``(raw vectors (B, 9, 3), sigmoid output (B, 2, ...))``."""
+
+    def __init__(self, unet: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.head = head
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.unet.encode(x)
+        return self.head(features), self.unet.decode(features)
+
+
+@register
+class VectorPose(PretrainMethod):
+    """VectorPOSE on the shared U-Net: crops of whole normalised volumes, VP head, 2-channel BFR output."""
+
+    kind = "vectorpose"
+    display = "VectorPOSE"
+    rank = 60.0
+    input = VOLUMES
+    block_schema: ClassVar[dict[str, Any]] = {
+        "views_per_volume": {"type": "integer", "minimum": 1, "default": 1,
+                             "description": "Crops per volume in a batch (released: 9 crops x 2 volumes)."},
+        "scale_range": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 2,
+                        "maxItems": 2, "default": [0.5, 1.5],
+                        "description": "Crop extent as a uniform fraction of cubes.size voxels."},
+        "min_mean": {**NUMBER, "default": 0.05, "description": "Crops darker on average are redrawn."},
+        "max_tries": {"type": "integer", "minimum": 1, "default": 10, "description": "Draws per view at most."},
+        "corruption": {
+            "type": "object", "default": {}, "propertyNames": {"enum": [f.name for f in fields(GenesisConfig)]},
+            "description": "pretrain.transforms keys over VectorPOSE's released rates (VECTORPOSE_CORRUPTION).",
+        },
+        "loss_weights": {
+            "type": "object", "additionalProperties": False, "default": {},
+            "description": "Weights of the loss terms in the minimised sum (also the validation objective).",
+            "properties": {
+                "vector": {**NUMBER, "default": 1.0, "description": "Weight of the VP loss (r + theta + phi)."},
+                "recon": {**NUMBER, "default": 1.0, "description": "Weight of the reconstruction L1."},
+                "boundary": {**NUMBER, "default": 1.0, "description": "Weight of the boundary L1."},
+            },
+        },
+    }
+
+    def __init__(self, name: str, config: Mapping[str, Any], device: torch.device) -> None:
+        super().__init__(name, config, device)
+        block = self.block
+        self.views = VectorPoseViews(VectorPoseConfig.from_config({
+            "out_size": config["cubes"]["size"], "scale_range": block["scale_range"],
+            "min_mean": block["min_mean"], "max_tries": block["max_tries"], "corruption": block["corruption"],
+        }, key=f"pretrain.methods.{name}"))
+        self.weights: dict[str, float] = dict(block["loss_weights"])
+
+    def out_channels(self) -> int:
+        """Two output channels: [reconstruction, boundary]."""
+        return 2
+
+    def build_heads(self) -> dict[str, Callable[[], nn.Module]]:
+        channels = list(self.unet.encoder_channels)[1:]
+        return {"vector_head": lambda: VectorHead(channels)}
+
+    def network(self) -> nn.Module:
+        return VectorNet(self.unet, self.heads["vector_head"])
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = super().param_groups()
+        groups.append({"params": list(self.heads["vector_head"].parameters()),
+                       "lr": self.optimizer_settings()["lr"], "name": "vector_head"})
+        return groups
+
+    def make_views(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """Crops of each volume with the corrupted input, both targets and the 9 vector targets."""
+        volumes = [v[0].detach().cpu().numpy() for v in batch["volumes"]]
+        views = self.views(volumes, self.block["views_per_volume"], generator)
+        rest = {k: v for k, v in batch.items() if k not in ("volumes", "case")}
+        return {**views._asdict(), **rest}
+
+    def forward(self, net: nn.Module, batch: Batch) -> Any:
+        return net(batch["inputs"])
+
+    def losses(self, outputs: Any, batch: Batch) -> tuple[torch.Tensor, Terms]:
+        raw, output = outputs
+        terms: Terms = {**vector_losses(raw, batch["vectors"]),
+                        **boundary_losses(output, batch["clean"], batch["boundary"])}
+        terms["loss_vector"] = terms["loss_r"] + terms["loss_theta"] + terms["loss_phi"]
+        w = self.weights
+        terms["objective"] = (w["vector"] * terms["loss_vector"] + w["recon"] * terms["loss_recon"]
+                              + w["boundary"] * terms["loss_boundary"])
+        terms["loss_total"] = terms["objective"]
+        return terms["loss_total"], {k: v.detach() for k, v in terms.items()}
