@@ -70,6 +70,6 @@ def make_config(root: Path, results: str = "results", **pretrain: Any) -> dict[s
         "pretrain": {"width": WIDTH, "batch_size": 4, "epochs": 2, "steps_per_epoch": 2, "val_steps": 1,
                      "device": "cpu", "methods": BLOCKS, **pretrain},
         # the inits of BLOCKS: config.yaml's Taleb et al. blocks need cubes of 64x64x32, not 16x16x8
-        "finetune": {"inits": ["scratch", "genesis", "sar"]},
+        "finetune": {"inits": ["scratch", "genesis", "sar"], "full_label_inits": []},
     }
     return load_config(REPO / "config.yaml", overrides)

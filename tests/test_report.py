@@ -25,7 +25,8 @@ def config(store: Path) -> dict[str, Any]:
         store,
         "report-tests",
         {
-            "finetune": {"inits": ["scratch", "genesis", "sar"], "ablation_inits": [], "label_ratios": [1]},
+            "finetune": {"full_label_inits": [],
+                     "inits": ["scratch", "genesis", "sar"], "ablation_inits": [], "label_ratios": [1]},
             "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
         },
     )
@@ -256,7 +257,8 @@ def test_table3_only_when_configured_and_table4_with_figure(config, tmp_path):
     assert "table3" not in configured_tables(config)
     ablation = load_config(REPO / "config.yaml", {
         "results_dir": config["results_dir"], "tracking": config["tracking"],
-        "finetune": {"inits": ["scratch", "sar"], "ablation_inits": ["sar_s2", "sar_s8"], "label_ratios": [1, 0.5]},
+        "finetune": {"full_label_inits": [],
+                     "inits": ["scratch", "sar"], "ablation_inits": ["sar_s2", "sar_s8"], "label_ratios": [1, 0.5]},
         "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
     })
     assert configured_tables(ablation) == ["table2", "table2_hd95", "table3", "table4"]
@@ -296,7 +298,8 @@ def test_bucket_footnotes_give_the_splits_thresholds(config, tmp_path):
     results = tmp_path / "results"
     ablation = load_config(REPO / "config.yaml", {
         "results_dir": str(results), "tracking": config["tracking"],
-        "finetune": {"inits": ["scratch", "sar"], "ablation_inits": ["sar_s2"], "label_ratios": [1]},
+        "finetune": {"full_label_inits": [],
+                     "inits": ["scratch", "sar"], "ablation_inits": ["sar_s2"], "label_ratios": [1]},
         "tasks": {"brain_tumour": {"split": {"n": 3}}, "pancreas": {"split": {"n": 3}}},
     })
     assert ablation["tasks"]["brain_tumour"]["size_buckets_mm3"] == "auto"  # the default

@@ -14,8 +14,6 @@ from sar3d.nets.unet import ENCODER_PREFIXES, UNet3D
 from sar3d.paths import MANIFEST
 from sar3d.pretraining import registry
 from sar3d.pretraining.methods.separeg import (
-    RandomGaussianBlur3d,
-    RegionViews,
     SiameseBranch,
     distillation_step,
     kmeans_clusters,
@@ -32,6 +30,7 @@ from sar3d.pretraining.methods.separeg_regions import (
     region_crop,
     save_regions,
 )
+from sar3d.pretraining.methods.separeg_views import RandomGaussianBlur3d, RegionViews
 from sar3d.pretraining.run import Trainer
 
 SMALL = (32, 32, 16)  # half-size crops keep the training tests cheap on a shared CPU
