@@ -3,7 +3,7 @@
 3D-RPL, 3D-Jig and 3D-CPC all cut a cube into a grid of patches, run every
 patch through the shared U-Net encoder and read its deepest map; 3D-Rot, RPL
 and Jig end in the same fully connected classifier. Those pieces live here once
-so the method modules only hold what differs: their views, head layout and loss.
+so the method modules only hold what differs: their views, head layout and loss term.
 
 Every random draw comes from the ``torch.Generator`` the caller passes, and the
 draws happen in ``randomize()`` apart from the deterministic ``__call__``/apply
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -36,6 +36,7 @@ __all__ = [
     "PatchClassifier",
     "PatchEmbedding",
     "PatchTaskConfig",
+    "PatchTaskMethod",
     "PretextMethod",
     "PretextNet",
     "SettingError",
@@ -461,3 +462,27 @@ class PretextMethod(PretrainMethod):
         CPC overrides it.
         """
         return classification_terms(outputs, target, self.term.removeprefix("loss_"))
+
+
+class PatchTaskMethod(PretextMethod):
+    """A patch classification task on the 3x3x3 grid (3D-RPL, 3D-Jig), set by :data:`PATCH_TASK_SCHEMA`.
+
+    A subclass declares ``views_class`` (draws the patches and labels, knows the
+    class count), ``head_factory`` (``(channels, patch, embed, hidden, dropout=)``
+    -> classifier) and ``term``; settings, views and head follow from them.
+    """
+
+    block_schema: ClassVar[dict[str, Any]] = PATCH_TASK_SCHEMA
+    views_class: ClassVar[type[GridTaskViews]]
+    head_factory: ClassVar[Callable[..., nn.Module]]
+
+    @classmethod
+    def read(cls, block: Mapping[str, Any], cube: Sequence[int], width: float, key: str) -> PatchTaskConfig:
+        return cls.views_class.settings(block, cube, width, key)
+
+    def build_views(self) -> GridTaskViews:
+        return self.views_class(self.cube, self.task.patch, self.task.jitter)
+
+    def build_head(self, channels: int) -> nn.Module:
+        return self.head_factory(channels, self.task.patch, self.scaled(self.task.embed), self.hidden(),
+                                 dropout=self.task.dropout)

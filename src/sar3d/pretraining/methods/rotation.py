@@ -23,7 +23,6 @@ from sar3d.pretraining.methods.patches import (
     PretextMethod,
     check_head,
     check_patch,
-    classification_terms,
     deepest_size,
     gather_boxes,
     read_block,
@@ -37,7 +36,6 @@ __all__ = [
     "RotationHead",
     "RotationViews",
     "rotate",
-    "rotation_loss",
 ]
 
 N_ROTATIONS = 10
@@ -132,14 +130,12 @@ class RotationHead(nn.Module):
         return self.mlp(features[-1])
 
 
-def rotation_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """Softmax cross-entropy over the 10 rotations (``loss_rot``) and accuracy (``acc_rot``)."""
-    return classification_terms(logits, labels, "rot")
-
-
 @register
 class Rotation(PretextMethod):
-    """3D-Rot on the shared encoder; fine-tuning receives the encoder only."""
+    """3D-Rot on the shared encoder; fine-tuning receives the encoder only.
+
+    Loss: softmax cross-entropy over the 10 rotations (``loss_rot``), logged with its accuracy (``acc_rot``).
+    """
 
     kind = "rotation"
     display = "3D-Rot"
