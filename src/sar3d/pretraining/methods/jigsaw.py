@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier, PatchTaskMethod
+from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier
+from sar3d.pretraining.methods.pretext import PatchTaskMethod
 from sar3d.pretraining.registry import register
 
 __all__ = [

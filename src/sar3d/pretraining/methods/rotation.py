@@ -18,15 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from sar3d.pretraining.methods.patches import (
-    HEAD_SCHEMA,
     MLPHead,
-    PretextMethod,
     check_head,
     check_patch,
     deepest_size,
     gather_boxes,
     read_block,
 )
+from sar3d.pretraining.methods.pretext import HEAD_SCHEMA, PretextMethod
 from sar3d.pretraining.registry import register
 
 __all__ = [

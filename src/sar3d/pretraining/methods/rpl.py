@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier, PatchTaskMethod
+from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier
+from sar3d.pretraining.methods.pretext import PatchTaskMethod
 from sar3d.pretraining.registry import register
 
 __all__ = ["GRID", "N_NEIGHBOURS", "OFFSETS", "RPLViews", "RelativePatchLocation", "rpl_head"]
