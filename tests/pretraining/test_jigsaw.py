@@ -13,10 +13,9 @@ from sar3d.pretraining.methods.jigsaw import (
     JigsawViews,
     generate_permutations,
     jigsaw_head,
-    jigsaw_loss,
     load_permutations,
 )
-from sar3d.pretraining.methods.patches import PretextNet, check_head
+from sar3d.pretraining.methods.patches import PretextNet, check_head, classification_terms
 
 PATCH = (16, 16, 8)
 
@@ -56,7 +55,7 @@ def test_jigsaw_loss_falls_on_phantom_cubes():
     unet = fx.small_unet()
     head = jigsaw_head(unet.encoder_channels[-1], PATCH, 32, check_head((2048, 1024), fx.WIDTH, 100, "k"))
     net = PretextNet(unet, head)
-    fx.assert_falls(fx.train([net], lambda: jigsaw_loss(net(patches), labels)["loss_jig"], 24))
+    fx.assert_falls(fx.train([net], lambda: classification_terms(net(patches), labels, "jig")["loss_jig"], 24))
 
 
 BAD_CONFIG = [

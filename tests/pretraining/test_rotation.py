@@ -9,12 +9,11 @@ import pytest
 import taleb_fixtures as fx
 import torch
 
-from sar3d.pretraining.methods.patches import PretextNet, check_head
+from sar3d.pretraining.methods.patches import PretextNet, check_head, classification_terms
 from sar3d.pretraining.methods.rotation import (
     N_ROTATIONS,
     RotationHead,
     RotationViews,
-    rotation_loss,
 )
 
 SIDE = 32
@@ -71,7 +70,7 @@ def test_rotation_loss_falls_on_phantom_cubes():
     unet = fx.small_unet()
     head = RotationHead(unet.encoder_channels[-1], SIDE, check_head((2048, 1024), fx.WIDTH, N_ROTATIONS, "k"))
     net = PretextNet(unet, head)
-    fx.assert_falls(fx.train([net], lambda: rotation_loss(net(views), labels)["loss_rot"], 24))
+    fx.assert_falls(fx.train([net], lambda: classification_terms(net(views), labels, "rot")["loss_rot"], 24))
 
 
 BAD_CONFIG = [

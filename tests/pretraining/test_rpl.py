@@ -8,8 +8,8 @@ import pytest
 import taleb_fixtures as fx
 import torch
 
-from sar3d.pretraining.methods.patches import PretextNet, check_head
-from sar3d.pretraining.methods.rpl import N_NEIGHBOURS, RPLViews, rpl_head, rpl_loss
+from sar3d.pretraining.methods.patches import PretextNet, check_head, classification_terms
+from sar3d.pretraining.methods.rpl import N_NEIGHBOURS, RPLViews, rpl_head
 
 PATCH = (16, 16, 8)
 # the reference's own label order: offsets of the 26 neighbours, raster order (z fastest), centre left out
@@ -43,7 +43,7 @@ def test_rpl_loss_falls_on_phantom_cubes():
     unet = fx.small_unet()
     head = rpl_head(unet.encoder_channels[-1], PATCH, 32, check_head((2048, 1024), fx.WIDTH, N_NEIGHBOURS, "k"))
     net = PretextNet(unet, head)
-    fx.assert_falls(fx.train([net], lambda: rpl_loss(net(patches), labels)["loss_rpl"], 24))
+    fx.assert_falls(fx.train([net], lambda: classification_terms(net(patches), labels, "rpl")["loss_rpl"], 24))
 
 
 BAD_CONFIG = [

@@ -1,5 +1,6 @@
 """Geometry and noise of the phantoms: a voxel grid in mm, smooth noise, irregular blobs, MRI bias
-field and Rician noise, and a tissue canvas. What `sar3d.data.phantom` builds its anatomies from."""
+field and Rician noise, and a tissue canvas. What the anatomies of `sar3d.data.phantom_ct` and
+`sar3d.data.phantom_mri` are built from."""
 
 from __future__ import annotations
 
@@ -76,6 +77,16 @@ class VoxelGrid:
         """Normalised ellipse level in the axial plane, shape (nx, ny, 1): a cylinder along z."""
         x, y, _ = self.coords()
         return ((x - centre[0]) / semi_axes[0]) ** 2 + ((y - centre[1]) / semi_axes[1]) ** 2
+
+    def tube(self, start: Sequence[float], direction: Sequence[float], radius: float) -> np.ndarray:
+        """Infinite cylinder through ``start`` along ``direction``."""
+        x, y, z = self.coords()
+        d = np.asarray(direction, dtype=np.float64)
+        d /= np.linalg.norm(d)
+        px, py, pz = x - start[0], y - start[1], z - start[2]
+        along = px * d[0] + py * d[1] + pz * d[2]
+        dist2 = px * px + py * py + pz * pz - along * along
+        return dist2 < radius * radius
 
 
 def smooth_noise(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float],

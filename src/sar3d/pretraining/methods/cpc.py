@@ -26,12 +26,12 @@ from sar3d.pretraining.methods.patches import (
     POOLINGS,
     GridCut,
     PatchEmbedding,
-    PretextMethod,
     SettingError,
     gather_boxes,
     read_block,
     scaled,
 )
+from sar3d.pretraining.methods.pretext import PretextMethod
 from sar3d.pretraining.registry import register
 
 __all__ = [

@@ -15,19 +15,13 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sar3d.pretraining.methods.patches import (
-    PATCH_TASK_SCHEMA,
-    GridTaskViews,
-    PatchClassifier,
-    PretextMethod,
-    classification_terms,
-)
+from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier
+from sar3d.pretraining.methods.pretext import PatchTaskMethod
 from sar3d.pretraining.registry import register
 
 __all__ = [
@@ -37,7 +31,6 @@ __all__ = [
     "JigsawViews",
     "generate_permutations",
     "jigsaw_head",
-    "jigsaw_loss",
     "load_permutations",
 ]
 
@@ -101,25 +94,16 @@ def jigsaw_head(channels: int, patch: Sequence[int], embed: int, hidden: Sequenc
     return PatchClassifier(channels, patch, N_PATCHES, n_permutations, embed, hidden, dropout)
 
 
-def jigsaw_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """Softmax cross-entropy over the permutations (``loss_jig``) and accuracy (``acc_jig``)."""
-    return classification_terms(logits, labels, "jig")
-
-
 @register
-class Jigsaw(PretextMethod):
-    """3D-Jig on the shared encoder; fine-tuning receives the encoder only."""
+class Jigsaw(PatchTaskMethod):
+    """3D-Jig on the shared encoder; fine-tuning receives the encoder only.
+
+    Loss: softmax cross-entropy over the permutations (``loss_jig``), logged with its accuracy (``acc_jig``).
+    """
 
     kind = "jigsaw"
     display = "3D-Jig"
     rank = 30.0
-    block_schema: ClassVar[dict[str, Any]] = PATCH_TASK_SCHEMA
-    read = staticmethod(JigsawViews.settings)
+    views_class = JigsawViews
+    head_factory = staticmethod(jigsaw_head)
     term = "loss_jig"
-
-    def build_views(self) -> JigsawViews:
-        return JigsawViews(self.cube, self.task.patch, self.task.jitter)
-
-    def build_head(self, channels: int) -> nn.Module:
-        return jigsaw_head(channels, self.task.patch, self.scaled(self.task.embed), self.hidden(),
-                        dropout=self.task.dropout)

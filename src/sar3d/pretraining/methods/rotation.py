@@ -18,16 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from sar3d.pretraining.methods.patches import (
-    HEAD_SCHEMA,
     MLPHead,
-    PretextMethod,
     check_head,
     check_patch,
-    classification_terms,
     deepest_size,
     gather_boxes,
     read_block,
 )
+from sar3d.pretraining.methods.pretext import HEAD_SCHEMA, PretextMethod
 from sar3d.pretraining.registry import register
 
 __all__ = [
@@ -37,7 +35,6 @@ __all__ = [
     "RotationHead",
     "RotationViews",
     "rotate",
-    "rotation_loss",
 ]
 
 N_ROTATIONS = 10
@@ -132,14 +129,12 @@ class RotationHead(nn.Module):
         return self.mlp(features[-1])
 
 
-def rotation_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """Softmax cross-entropy over the 10 rotations (``loss_rot``) and accuracy (``acc_rot``)."""
-    return classification_terms(logits, labels, "rot")
-
-
 @register
 class Rotation(PretextMethod):
-    """3D-Rot on the shared encoder; fine-tuning receives the encoder only."""
+    """3D-Rot on the shared encoder; fine-tuning receives the encoder only.
+
+    Loss: softmax cross-entropy over the 10 rotations (``loss_rot``), logged with its accuracy (``acc_rot``).
+    """
 
     kind = "rotation"
     display = "3D-Rot"

@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sar3d.pretraining.methods.patches import (
-    PATCH_TASK_SCHEMA,
-    GridTaskViews,
-    PatchClassifier,
-    PretextMethod,
-    classification_terms,
-)
+from sar3d.pretraining.methods.patches import GridTaskViews, PatchClassifier
+from sar3d.pretraining.methods.pretext import PatchTaskMethod
 from sar3d.pretraining.registry import register
 
-__all__ = ["GRID", "N_NEIGHBOURS", "OFFSETS", "RPLViews", "RelativePatchLocation", "rpl_head", "rpl_loss"]
+__all__ = ["GRID", "N_NEIGHBOURS", "OFFSETS", "RPLViews", "RelativePatchLocation", "rpl_head"]
 
 GRID = (3, 3, 3)
 CENTRE = 13
@@ -56,25 +50,16 @@ def rpl_head(channels: int, patch: Sequence[int], embed: int, hidden: Sequence[i
     return PatchClassifier(channels, patch, 2, N_NEIGHBOURS, embed, hidden, dropout)
 
 
-def rpl_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """Softmax cross-entropy over the 26 neighbour positions (``loss_rpl``) and accuracy (``acc_rpl``)."""
-    return classification_terms(logits, labels, "rpl")
-
-
 @register
-class RelativePatchLocation(PretextMethod):
-    """3D-RPL on the shared encoder; fine-tuning receives the encoder only."""
+class RelativePatchLocation(PatchTaskMethod):
+    """3D-RPL on the shared encoder; fine-tuning receives the encoder only.
+
+    Loss: softmax cross-entropy over the 26 neighbour positions (``loss_rpl``), logged with its accuracy (``acc_rpl``).
+    """
 
     kind = "rpl"
     display = "3D-RPL"
     rank = 20.0
-    block_schema: ClassVar[dict[str, Any]] = PATCH_TASK_SCHEMA
-    read = staticmethod(RPLViews.settings)
+    views_class = RPLViews
+    head_factory = staticmethod(rpl_head)
     term = "loss_rpl"
-
-    def build_views(self) -> RPLViews:
-        return RPLViews(self.cube, self.task.patch, self.task.jitter)
-
-    def build_head(self, channels: int) -> nn.Module:
-        return rpl_head(channels, self.task.patch, self.scaled(self.task.embed), self.hidden(),
-                        dropout=self.task.dropout)
