@@ -150,7 +150,7 @@ def main() -> None:
         for i in range(args.steps + 1):  # interleaved, so load changes hit every method alike
             for name, (trainer, times) in steps.items():
                 start = time.perf_counter()
-                views = methods[name].make_views(move_batch(raws[name], CPU, volume=False),
+                views = methods[name].make_views(move_batch(raws[name], CPU),
                                                  torch.Generator().manual_seed(i))
                 trainer.train_step(move_batch(views, CPU))
                 if i:  # the first step warms up allocations

@@ -13,6 +13,7 @@ from sar3d.io import InputDataError
 from sar3d.nets.heads import ModalityDiscriminator, ScaleHead
 from sar3d.nets.unet import UNet3D
 from sar3d.nets.weights import count_parameters, load_state_dict_file, transfer_weights
+from sar3d.training import devices
 
 
 def _mg_conv(prefix: str, cin: int, cout: int) -> dict[str, tuple[int, ...]]:
@@ -107,6 +108,24 @@ def test_encode_decode_shapes_and_channels_last(full_unet: UNet3D) -> None:
         assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0  # sigmoid
         out_cl = full_unet(x.to(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(out_cl, out, atol=1e-5, rtol=1e-4)
+
+
+def test_memory_format_changes_layout_not_the_function() -> None:
+    """``auto`` puts the 5D weights (and so the activations) channels-last; the output matches contiguous."""
+    torch.manual_seed(0)
+    contiguous = devices.prepare_model(UNet3D(width=0.125), torch.device("cpu"), "contiguous")
+    channels_last = devices.prepare_model(UNet3D(width=0.125), torch.device("cpu"), "auto")
+    channels_last.load_state_dict(contiguous.state_dict())
+    conv = channels_last.down_tr128.ops[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    assert contiguous.down_tr128.ops[0].conv1.weight.is_contiguous()
+    x = torch.rand(2, 1, 16, 16, 8)
+    with torch.no_grad():
+        out = channels_last.encode(x)[0]
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)  # a contiguous input needs no conversion
+        torch.testing.assert_close(channels_last(x), contiguous(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown memory format 'nhwc'"):
+        devices.resolve_memory_format("nhwc")
 
 
 def test_logits_without_final_activation() -> None:

@@ -55,7 +55,9 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 def record(root: Path, dirs: list[Path], name: str) -> dict[str, Any]:
     """One short run of block ``name``: the checkpoint's history (minus timings) and the export's digest."""
     method = RECORDED_AS.get(name, name)
-    config = make_config(root, results=f"results_{name}", methods={method: BLOCKS[name]})
+    # recorded in the default (contiguous) layout of 5a5305c; channels-last differs in float rounding
+    config = make_config(root, results=f"results_{name}", methods={method: BLOCKS[name]},
+                         memory_format="contiguous")
     out, ckpt = root / name / "model.pt", root / name / "checkpoint.pt"
     run_pretrain(config, PretrainJob(method, tuple(dirs), out, ckpt))
     history = torch.load(ckpt, weights_only=True)["history"]

@@ -162,15 +162,15 @@ def run_evaluate(
     from sar3d.nets.weights import load_state_dict_file
     from sar3d.tracking import tracked_run
 
-    devices.set_determinism()
     fcfg = config["finetune"]
     device = devices.resolve_device(fcfg["device"])
+    devices.set_determinism(device)
     amp = devices.resolve_precision(fcfg["precision"], device)
     manifest = read_manifest(data)
     cases = fold_cases(split, manifest, "test")
     net = build_segmenter(config, task)
     net.load_state_dict(load_state_dict_file(model), strict=True)
-    net = devices.prepare_model(net, device)
+    net = devices.prepare_model(net, device, fcfg["memory_format"])
     thresholds = fold_size_buckets(config, task, split)
 
     identity = {"task": task, "init": init, "ratio": ratio, "fold": fold}

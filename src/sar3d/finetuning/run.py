@@ -141,8 +141,8 @@ def run_finetune(
 
     fcfg = config["finetune"]
     seed = config["seed"]
-    devices.set_determinism()
     device = devices.resolve_device(fcfg["device"])
+    devices.set_determinism(device)
     amp = devices.resolve_precision(fcfg["precision"], device)
     classes = config["tasks"][task]["classes"]
     manifest = read_manifest(data)
@@ -156,7 +156,7 @@ def run_finetune(
     dataset = make_patch_dataset(config, train_items)
 
     model, skipped = init_model(config, task, init, fold, pretrained)
-    model = devices.prepare_model(model, device)
+    model = devices.prepare_model(model, device, fcfg["memory_format"])
     optimizer = torch.optim.Adam(model.parameters(), lr=fcfg["lr"])
     optimizer.param_groups[0]["name"] = "unet"
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -128,15 +128,18 @@ class UNet3D(nn.Module):
         f512 = self.down_tr512(F.max_pool3d(f256, 2))
         return [f64, f128, f256, f512]
 
-    def decode(self, features: Sequence[Tensor]) -> Tensor:
-        """Decode :meth:`encode`'s output; applies the final activation when one is set."""
+    def decode_features(self, features: Sequence[Tensor]) -> Tensor:
+        """The last decoder level, before the 1x1x1 output layer: what a linear probe reads."""
         if len(features) != 4:
             raise ValueError(f"decode expects the 4 encoder features, got {len(features)}")
         f64, f128, f256, f512 = features
         x = self.up_tr256(f512, f256)
         x = self.up_tr128(x, f128)
-        x = self.up_tr64(x, f64)
-        x = self.out_tr(x)
+        return self.up_tr64(x, f64)
+
+    def decode(self, features: Sequence[Tensor]) -> Tensor:
+        """Decode :meth:`encode`'s output; applies the final activation when one is set."""
+        x = self.out_tr(self.decode_features(features))
         if self.final_activation is not None:
             x = _ACTIVATIONS[self.final_activation](x)
         return x

@@ -53,7 +53,7 @@ SCALE_ABLATION = "scale_ablation"  # Table 3 (finetune.ablation_inits)
 # shared ``pretrain`` settings the run loop reads for every method (the job's rule params)
 TRAINING_KEYS = (
     "datasets", "width", "batch_size", "epochs", "steps_per_epoch", "val_steps", "optimizer", "plateau",
-    "early_stopping_patience", "precision", "transform_device",
+    "early_stopping_patience", "precision", "memory_format", "transform_device",
 )
 OPTIMIZERS = ("sgd", "adam")
 
@@ -196,7 +196,7 @@ class PretrainMethod:
     def _seeded(self, name: str, build: Callable[[], nn.Module]) -> nn.Module:
         """Build under a seed of the study seed and the module's name, not the method: ablations share a start."""
         torch.manual_seed(derive_seed(self.config["seed"], "pretrain", "init", name))
-        return prepare_model(build(), self.device)
+        return prepare_model(build(), self.device, self.settings["memory_format"])
 
     @property
     def modules(self) -> dict[str, nn.Module]:

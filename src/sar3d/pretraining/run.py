@@ -149,9 +149,9 @@ def run_pretrain(config: dict[str, Any], job: PretrainJob) -> None:
     from sar3d.tracking import tracked_run
 
     settings = config["pretrain"]
-    devices.set_determinism()
     dist = distributed.Distributed.from_env()
     device = distributed.init_distributed(dist, devices.resolve_device(settings["device"]))
+    devices.set_determinism(device)
     if device.type == "cpu":
         devices.keep_freed_memory()
     amp = devices.resolve_precision(settings["precision"], device)

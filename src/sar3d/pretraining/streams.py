@@ -37,13 +37,13 @@ def resolve_transform_device(name: str, device: torch.device) -> torch.device:
     return torch.device(name)
 
 
-def move_batch(batch: Batch, device: torch.device, volume: bool = True) -> Batch:
-    """Copy every tensor (and every tensor of a list) to ``device``; 5D tensors go ``channels_last_3d`` on CUDA."""
+def move_batch(batch: Batch, device: torch.device) -> Batch:
+    """Copy every tensor (and every tensor of a list) to ``device``."""
     def move(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return to_device(value, device, volume=volume)
+            return to_device(value, device)
         if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            return [to_device(v, device, volume=volume) for v in value]
+            return [to_device(v, device) for v in value]
         return value
 
     return {k: move(v) for k, v in batch.items()}
@@ -107,5 +107,5 @@ class BatchSource:
             if not self.views_in_loader:
                 generator = batch_generator(views_seed, epoch, step * self.dist.world_size + self.dist.rank,
                                             self.device)
-                batch = self.method.make_views(move_batch(batch, self.device, volume=False), generator)
+                batch = self.method.make_views(move_batch(batch, self.device), generator)
             yield move_batch(batch, self.device)

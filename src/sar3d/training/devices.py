@@ -1,5 +1,5 @@
-"""Devices and precision: CUDA paths (mixed precision, ``channels_last_3d``, pinned memory,
-non-blocking copies) written for real, but inert on CPU unless asked; CPU runs stay bit-reproducible.
+"""Devices, precision and memory format: CUDA paths (mixed precision, pinned memory, non-blocking
+copies) written for real, but inert on CPU unless asked; CPU runs stay bit-reproducible.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 
@@ -43,10 +44,15 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def set_determinism() -> None:
-    """Same config => same numbers on CPU; on CUDA, deterministic kernels where they exist."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if torch.cuda.is_available():  # pragma: no cover - needs a GPU
+def set_determinism(device: torch.device) -> None:
+    """Same config => same numbers: on CUDA, deterministic kernels where they exist.
+
+    Why CUDA only: the CPU kernels these jobs run give the same numbers run to run at
+    a fixed thread count (tests/test_resume.py, tests/test_pretrain.py), and the switch
+    imports ``torch._dynamo`` (~1.5 s), which an evaluation job would pay for nothing.
+    """
+    if device.type == "cuda":  # pragma: no cover - needs a GPU
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
 
@@ -80,22 +86,34 @@ def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.a
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to the device; on CUDA use ``channels_last_3d``, which the 3D conv kernels prefer."""
-    model = model.to(device)
-    if device.type == "cuda":  # pragma: no cover - needs a GPU
-        model = model.to(memory_format=torch.channels_last_3d)
-    return model
+def resolve_memory_format(name: str = "auto") -> torch.memory_format:
+    """The layout of 5D weights (and so of every 3D convolution's activations).
+
+    ``auto`` is ``channels_last_3d`` on every device: cuDNN prefers it, and so do
+    oneDNN's CPU kernels (a width-0.125 U-Net step on 8 cubes of 64x64x32, one CPU
+    thread: 4.5 s contiguous, 2.5 s channels-last; docs/performance.md).
+    ``contiguous`` reproduces runs recorded in the default layout; the two differ
+    in float rounding only.
+    """
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {name!r} ({' | '.join(MEMORY_FORMATS)})")
+    return torch.contiguous_format if name == "contiguous" else torch.channels_last_3d
 
 
-def to_device(tensor: torch.Tensor, device: torch.device, volume: bool = True) -> torch.Tensor:
-    """Non-blocking copy (pinned memory makes it asynchronous); 5D volumes go ``channels_last_3d`` on CUDA."""
+def prepare_model(model: torch.nn.Module, device: torch.device, memory_format: str = "auto") -> torch.nn.Module:
+    """Move to the device in the configured memory format.
+
+    Only the 5D weights change layout; convolutions then produce channels-last
+    activations from any input, so batches need no conversion.
+    """
+    return model.to(device=device, memory_format=resolve_memory_format(memory_format))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to ``device``; non-blocking on CUDA (pinned memory makes it asynchronous)."""
     if device.type != "cuda":
         return tensor.to(device)
-    out = tensor.to(device, non_blocking=True)  # pragma: no cover - needs a GPU
-    if volume and out.dim() == 5:  # pragma: no cover
-        out = out.contiguous(memory_format=torch.channels_last_3d)
-    return out  # pragma: no cover
+    return tensor.to(device, non_blocking=True)  # pragma: no cover - needs a GPU
 
 
 def pin_memory_default(device: torch.device) -> bool:
