@@ -10,6 +10,7 @@ import numpy as np
 import peers_fixtures as fx
 import pytest
 import torch
+from scipy.ndimage import median_filter
 
 from sar3d.data.cubes import resize_crops
 from sar3d.nets.unet import UNet3D
@@ -23,6 +24,7 @@ from sar3d.pretraining.methods.vectorpose import (
     VectorPoseConfig,
     VectorPoseViews,
     boundary_losses,
+    separable_median,
     vector_losses,
     wrapped_l1,
 )
@@ -144,8 +146,9 @@ def test_crop_extent_keeps_the_output_aspect_after_orientation() -> None:
         assert all(lo >= 0 and lo + s <= n for lo, s, n in zip(draw.box.lower, draw.box.size, shape, strict=True))
 
 
-def test_boundary_target_zero_on_constant_and_peaks_on_a_step_edge() -> None:
-    target = BoundaryTarget()
+@pytest.mark.parametrize("median", ["separable", "cube"])
+def test_boundary_target_zero_on_constant_and_peaks_on_a_step_edge(median: str) -> None:
+    target = BoundaryTarget(median=median)
     assert np.all(target(np.full((32, 32, 16), 0.7, dtype=np.float32)) == 0)
     step = np.full((32, 32, 16), 0.2, dtype=np.float32)
     step[16:] = 0.8
@@ -155,6 +158,43 @@ def test_boundary_target_zero_on_constant_and_peaks_on_a_step_edge() -> None:
     assert int(profile.argmax()) in (15, 16)
     assert np.all(profile[:12] == 0) and np.all(profile[20:] == 0)
     assert edges.min() >= 0 and edges.max() <= 1
+
+
+def slow_median_along(image: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Median of ``size`` voxels along ``axis``, borders mirrored with the edge voxel repeated (scipy's reflect)."""
+    half = size // 2
+    pad = [(0, 0)] * image.ndim
+    pad[axis] = (half, half)
+    padded = np.pad(image, pad, mode="symmetric")
+    out = np.empty_like(image)
+    for i in range(image.shape[axis]):
+        window = np.take(padded, range(i, i + size), axis=axis)
+        np.put_along_axis(out, np.full([1 if a == axis else n for a, n in enumerate(image.shape)], i),
+                          np.expand_dims(np.median(window, axis=axis), axis), axis=axis)
+    return out
+
+
+def test_separable_median_is_three_1d_medians_in_turn() -> None:
+    image = np.random.default_rng(3).random((12, 10, 7)).astype(np.float32)
+    expected = image
+    for axis in range(3):
+        expected = slow_median_along(expected, axis, 5)
+    np.testing.assert_array_equal(separable_median(image, 5), expected)
+    assert not np.array_equal(expected, median_filter(image, size=5))  # an approximation, not the cubic median
+
+
+def test_separable_median_removes_a_single_voxel_spike() -> None:
+    image = np.full((16, 16, 8), 0.3, dtype=np.float32)
+    image[8, 7, 4] = 1.0
+    np.testing.assert_array_equal(separable_median(image), np.full_like(image, 0.3))
+    assert np.all(BoundaryTarget()(image) == 0)
+
+
+def test_cube_median_is_the_exact_cubic_median() -> None:
+    image = np.random.default_rng(4).random((12, 10, 7)).astype(np.float32)
+    np.testing.assert_array_equal(BoundaryTarget(median="cube").smooth(image), median_filter(image, size=5))
+    with pytest.raises(ValueError, match="median"):
+        BoundaryTarget(median="box")
 
 
 def test_wraparound_loss_is_zero_across_the_seam() -> None:
@@ -249,10 +289,14 @@ def test_vectorpose_trains_through_the_seam() -> None:
     assert all(np.isfinite(float(v)) for v in terms.values())
     assert set(method.exported(method.unet.state_dict())) == set(method.unet.state_dict())
     assert registry.describe(config, "vectorpose").display == "VectorPOSE"
+    assert method.views.boundary.median == "separable"
+    cube = fx.method_config("vectorpose", {"kind": "vectorpose", "boundary_median": "cube"})
+    assert registry.build(cube, "vectorpose", torch.device("cpu")).views.boundary.median == "cube"
 
 
 @pytest.mark.parametrize(("name", "block", "key"), [
     ("vectorpose", {"kind": "vectorpose", "corruption": {"paint": 0.5}}, r"pretrain\.methods\.vectorpose\.corruption"),
+    ("vectorpose", {"kind": "vectorpose", "boundary_median": "box"}, r"pretrain\.methods\.vectorpose\.boundary_median"),
     ("separeg", {"kind": "separeg", "regions": {"segments": 8}}, r"pretrain\.methods\.separeg\.regions"),
 ])
 def test_block_typos_are_config_errors_naming_the_key(name: str, block: dict, key: str) -> None:
