@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.slow]
 STAGES = (
     "tracking_init", "download", "normalise_pretrain", "normalise_task", "split_brain_tumour",
     "split_pancreas", "cubes", "pretrain", "finetune", "evaluate", "report_table2", "report_table3", "report_table4",
-    "figure_loss_curves", "figure_qualitative",
+    "figure_loss_curves", "figure_qualitative", "figure_restoration",
 )
 # Short jobs on a local cluster: poll often, fail fast, no shared filesystem to wait for.
 SLURM_ARGS = (
@@ -101,6 +101,7 @@ def test_default_study_plans_every_table_and_figure(tmp_path: Path) -> None:
     for rule in ("report_table2", "report_table3", "report_table4"):
         assert jobs[rule] == 1, rule
     assert jobs["figure_loss_curves"] == jobs["figure_qualitative"] == len(config["tasks"])
+    assert jobs["figure_restoration"] == 1  # genesis and sar, no extra pre-training
 
 
 def test_unknown_config_key_fails_before_any_job(tmp_path: Path) -> None:
@@ -121,7 +122,7 @@ def test_study_produces_every_table_and_figure(study: Study) -> None:
     table3 = pd.read_csv(results / "tables" / "table3.csv")
     assert set(table3["init"]) == {"sar_s2", "sar"} and set(table3["task"]) == {"brain_tumour"}
     assert (results / "tables" / "table4.md").exists()
-    for name in ("loss_curves_pancreas", "qualitative_brain_tumour", "table4_label_ratios"):
+    for name in ("loss_curves_pancreas", "qualitative_brain_tumour", "table4_label_ratios", "restoration"):
         assert (results / "figures" / f"{name}.png").stat().st_size > 1000, name
     # no finished-looking leftovers of atomic writes
     assert not list(results.rglob("*.partial*"))

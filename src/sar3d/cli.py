@@ -105,15 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report-all", help="every table and figure from whichever evaluations exist (partial grids)")
     _add_common(p)
 
-    p = sub.add_parser("figure", help="a figure: fine-tuning loss curves (Fig. 3) or qualitative predictions")
+    p = sub.add_parser("figure", help="a figure: fine-tuning loss curves (Fig. 3), qualitative predictions or "
+                                      "restorations of the pre-trained models")
     _add_common(p)
-    p.add_argument("--kind", required=True, choices=["loss", "qualitative"])
-    p.add_argument("--task", required=True)
+    p.add_argument("--kind", required=True, choices=["loss", "qualitative", "restoration"])
+    p.add_argument("--task", help="loss, qualitative: the task")
     p.add_argument("--out", type=Path, nargs="+", required=True, help="figure files (.png, .svg)")
     p.add_argument("--data", type=Path, help="qualitative: the task's preprocessed folder")
     p.add_argument("--split", type=Path, help="qualitative: the split whose first test cases are shown")
     p.add_argument("--prediction", nargs=2, action="append", default=[], metavar=("INIT", "FOLDER"),
                    help="qualitative: an init's saved predictions (repeat per init)")
+    p.add_argument("--model", nargs=2, action="append", default=[], metavar=("METHOD", "FILE"),
+                   help="restoration: a restoration method's model.pt (repeat per method, in column order)")
+    p.add_argument("--cubes", type=Path, nargs="*", default=[],
+                   help="restoration: the pre-training datasets' cube folders (their validation cubes are shown)")
 
     p = sub.add_parser("inspect", help="recognise a dataset folder's layout, summarise it, list every problem")
     p.add_argument("path", type=Path, help="an MSD, BraTS2018, LUNA16 or LiTS folder")
@@ -225,7 +230,15 @@ def run(args: argparse.Namespace) -> int:
     elif stage == "figure":
         from sar3d.reporting import figures
 
-        if args.kind == "loss":
+        if args.kind == "restoration":
+            from sar3d.reporting.restoration import plot_restoration
+
+            if not args.model or not args.cubes:
+                raise SystemExit("sar3d figure --kind restoration needs --model and --cubes")
+            plot_restoration(config, {method: Path(file) for method, file in args.model}, args.cubes, args.out)
+        elif args.task is None:
+            raise SystemExit(f"sar3d figure --kind {args.kind} needs --task")
+        elif args.kind == "loss":
             figures.plot_loss_curves(config, args.task, args.out)
         else:
             if args.data is None or args.split is None:

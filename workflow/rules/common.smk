@@ -13,6 +13,8 @@ from sar3d.config import ConfigError, resources_for, validate_config
 from sar3d.pretraining import registry
 from sar3d.pretraining.base import VOLUMES
 from sar3d.pretraining.registry import SCRATCH
+from sar3d.reporting.restoration import FIGURE as RESTORATION_FIGURE
+from sar3d.reporting.restoration import restoration_methods
 
 # sar3d's own check first: it names the offending key in one line (and cross-checks
 # datasets, tasks and methods); then Snakemake's validate fills schema defaults.
@@ -178,12 +180,35 @@ def figure_path(name, ext):
     return path(paths.FIGURE, figure=name, ext=ext)
 
 
-# the rows' names and order come from the methods' blocks (a renamed row reruns the tables)
+# the rows' names and order come from the methods' blocks (a renamed row reruns the tables);
+# which models the restoration figure shows concerns no table
 REPORT_PARAMS = {
-    "report": STUDY["report"],
+    "report": {k: v for k, v in STUDY["report"].items() if k != "restoration_methods"},
     "tasks": STUDY["tasks"],
     "inits": {init: asdict(registry.describe(STUDY, init)) for init in grid.all_inits(STUDY)},
 }
+
+
+# The restoration figure's columns: restoration methods the study pre-trains (config errors name the key).
+try:
+    RESTORATION_METHODS = restoration_methods(STUDY)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+
+def restoration_models():
+    """The pre-trained models the restoration figure shows, in its columns' order."""
+    return [path(paths.PRETRAINED, method=method) for method in RESTORATION_METHODS]
+
+
+def restoration_flags():
+    """`sar3d figure --kind restoration` flags naming each model's method."""
+    return " ".join(f"--model {m} {f}" for m, f in zip(RESTORATION_METHODS, restoration_models(), strict=True))
+
+
+def cube_folders():
+    """The cube shards of every pre-training dataset (the restoration figure's validation cubes)."""
+    return [path(paths.CUBES, dataset=d) for d in STUDY["pretrain"]["datasets"]]
 
 
 def report_outputs():
@@ -193,6 +218,8 @@ def report_outputs():
         out += [table_path(name), table_path(name, "md")]
     for ext in ("png", "svg"):
         out.append(figure_path("table4_label_ratios", ext))
+        if RESTORATION_METHODS:
+            out.append(figure_path(RESTORATION_FIGURE, ext))
         for task in STUDY["tasks"]:
             out += [figure_path(f"loss_curves_{task}", ext), figure_path(f"qualitative_{task}", ext)]
     return out

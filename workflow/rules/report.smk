@@ -1,4 +1,5 @@
-# Tables and figures of the paper from the study grid (sar3d.reporting.report, sar3d.reporting.figures).
+# Tables and figures of the paper from the study grid (sar3d.reporting.report, sar3d.reporting.figures),
+# and the restoration figure of the pre-trained models (sar3d.reporting.restoration).
 # Inputs are the evaluations, so the DAG builds them. For a partial grid (some jobs
 # failed): `snakemake --keep-going`, then `sar3d report-all --config results/config/study.yaml`
 # writes every table and figure from whichever evaluations exist, marking the rest "—".
@@ -122,6 +123,30 @@ rule figure_qualitative:
     shell:
         "sar3d figure --config {params.config} --kind qualitative --task {wildcards.task} --data {input.data}"
         " --split {input.split} {params.predictions} --out {output.png} {output.svg} > {log} 2>&1"
+
+
+rule figure_restoration:
+    output:
+        png=report(figure_path(RESTORATION_FIGURE, "png"), caption="../report/restoration.rst",
+                   category="Figures"),
+        svg=figure_path(RESTORATION_FIGURE, "svg"),
+    input:
+        models=restoration_models(),
+        cubes=cube_folders(),
+    params:
+        config=STUDY_CONFIG,
+        models=restoration_flags(),
+        transforms=STUDY["pretrain"]["transforms"],
+        width=STUDY["pretrain"]["width"],
+        seed=SEED,
+    threads: rule_threads("default")
+    resources:
+        **rule_resources("default"),
+    log:
+        log("figure", RESTORATION_FIGURE),
+    shell:
+        "sar3d figure --config {params.config} --kind restoration {params.models} --cubes {input.cubes}"
+        " --out {output.png} {output.svg} > {log} 2>&1"
 
 
 rule report_all:

@@ -195,6 +195,7 @@ def run_report(
 def run_report_all(config: dict[str, Any]) -> list[Path]:
     """Every configured table and figure from whichever evaluations exist (the partial-grid recipe)."""
     from sar3d.reporting import figures
+    from sar3d.reporting.restoration import run_restoration_all
 
     results = config["results_dir"]
     written = []
@@ -204,4 +205,5 @@ def run_report_all(config: dict[str, Any]) -> list[Path]:
         run_report(config, None, table=name, figure=fig)
         written += [paths.fill(paths.TABLE, results, table=name), *fig]
     written += figures.run_figures_all(config)
+    written += run_restoration_all(config)
     return written
