@@ -13,7 +13,7 @@ from sar3d.io import InputDataError, save_volume, write_json
 from sar3d.nets.unet import ENCODER_PREFIXES, UNet3D
 from sar3d.paths import MANIFEST
 from sar3d.pretraining import registry
-from sar3d.pretraining.methods.separeg import (
+from sar3d.pretraining.methods.separeg_learning import (
     SiameseBranch,
     distillation_step,
     kmeans_clusters,

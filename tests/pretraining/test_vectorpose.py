@@ -15,25 +15,22 @@ from scipy.ndimage import median_filter
 from sar3d.data.cubes import resize_crops
 from sar3d.nets.unet import UNet3D
 from sar3d.pretraining import registry
-from sar3d.pretraining.methods.vectorpose import (
-    BoundaryTarget,
-    ConstantPaint,
-    CropDraw,
-    RandomVectorCrop,
-    VectorHead,
-    VectorPoseConfig,
-    VectorPoseViews,
-    boundary_losses,
-    separable_median,
-    vector_losses,
-    wrapped_l1,
-)
+from sar3d.pretraining.methods.vectorpose import VectorHead, boundary_losses, vector_losses, wrapped_l1
 from sar3d.pretraining.methods.vectorpose_geometry import (
     CropBox,
     Orientation,
     crop_points,
     point_vectors,
     spherical_targets,
+)
+from sar3d.pretraining.methods.vectorpose_views import (
+    BoundaryTarget,
+    ConstantPaint,
+    CropDraw,
+    RandomVectorCrop,
+    VectorPoseConfig,
+    VectorPoseViews,
+    separable_median,
 )
 from sar3d.pretraining.run import Trainer
 from sar3d.pretraining.transforms.settings import GenesisConfig
