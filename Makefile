@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sar3d-installed
 
-.PHONY: study test lint install
+.PHONY: study evidence test lint install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ install: $(STAMP)
 
 study: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+
+# The evidence study (config/evidence.yaml over config.yaml; docs/evidence.md). `make evidence -n` is
+# Snakemake's dry run of it: the `+` runs the line under make's -n, which then adds --dry-run.
+evidence: $(STAMP)
+	+PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config.yaml config/evidence.yaml \
+		$(if $(findstring n,$(firstword -$(MAKEFLAGS))),--dry-run) $(SNAKEMAKE_ARGS)
 
 # --dist loadfile: each test file runs on one worker, so a module's expensive fixture (the
 # tiny end-to-end study) is built once. (xdist's loadgroup marks are ignored under pytest 9.2.)

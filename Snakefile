@@ -1,6 +1,7 @@
 # sar3d: the SAR study as a DAG.
 #   data -> normalisation -> splits -> multi-scale cubes -> pre-training
 #        -> fine-tuning (per task, init, label ratio, fold) -> evaluation -> tables
+#        (-> linear probes of the frozen inits, where probe.inits names any)
 # Rules only wire paths to `sar3d <stage>` commands; all logic is in src/sar3d.
 
 from snakemake.utils import min_version
@@ -20,6 +21,7 @@ include: "workflow/rules/cubes.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/probe.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -219,6 +219,16 @@ def test_best_flag_t_test_and_bootstrap(config, tmp_path):
     p = stats.ttest_ind(sar, scratch, equal_var=False).pvalue
     assert f"Δ {sar.mean() - scratch.mean():+.2f} [" in md and (f"p {p:.3f}" in md or "p < 0.001" in md)
 
+    # every init is also compared with the baseline (scratch), with the sign "init - scratch"
+    vs_scratch = brain_all.loc["sar"]
+    assert vs_scratch["mean_diff_vs_scratch"] == pytest.approx(sar.mean() - scratch.mean())
+    assert vs_scratch["p_value_vs_scratch"] == pytest.approx(row["p_value"])
+    assert vs_scratch["ci_low_vs_scratch"] <= vs_scratch["mean_diff_vs_scratch"] <= vs_scratch["ci_high_vs_scratch"]
+    assert brain_all.loc["genesis", "p_value_vs_scratch"] == pytest.approx(
+        stats.ttest_ind(genesis, scratch, equal_var=False).pvalue)
+    assert np.isnan(brain_all.loc["scratch", "p_value_vs_scratch"])
+    assert "## Each initialisation vs Scratch" in md and "Δ = mean(row) − mean(Scratch)" in md
+
     hd = write_table(config, "table2_hd95", grid, tmp_path / "h.csv", tmp_path / "h.md")
     hd_all = hd[hd.column == "Tumour all"].set_index("init")
     assert hd_all.loc["sar", "best"]  # lowest distance wins

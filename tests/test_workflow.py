@@ -100,8 +100,39 @@ def test_default_study_plans_every_table_and_figure(tmp_path: Path) -> None:
     assert jobs["pretrain"] == len(config["pretrain"]["methods"])
     for rule in ("report_table2", "report_table3", "report_table4"):
         assert jobs[rule] == 1, rule
-    assert jobs["figure_loss_curves"] == jobs["figure_qualitative"] == len(config["tasks"])
+    assert jobs["figure_qualitative"] == len(config["tasks"])
+    assert jobs["figure_loss_curves"] == len(config["tasks"]) * len(config["report"]["loss_curve_ratios"])
     assert jobs["figure_restoration"] == 1  # genesis and sar, no extra pre-training
+    assert "probe" not in jobs and "report_probe" not in jobs  # probe.inits is empty by default
+
+
+def test_make_evidence_dry_run_plans_the_whole_evidence_study(tmp_path: Path) -> None:
+    """`make evidence -n` is Snakemake's dry run of the evidence overlay: every job of the study, nothing run."""
+    import sys
+
+    from sar3d.config import load_config
+    from sar3d.grid import finetune_jobs
+    from sar3d.reporting.probe import probe_files
+
+    venv = Path(sys.executable).parent.parent
+    # a results folder of its own: an evidence study already run in the checkout would plan nothing
+    proc = subprocess.run(["make", "-n", "evidence", f"VENV={venv}", "CORES=2",
+                           f"SNAKEMAKE_ARGS=--config results_dir={tmp_path / 'results'}"],
+                          cwd=REPO, capture_output=True, text=True, env=local_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = planned_jobs(proc.stdout)
+    overlay = yaml.safe_load((REPO / "config" / "evidence.yaml").read_text())
+    config = load_config(REPO / "config.yaml", overlay)
+    assert list(config["tasks"]) == ["brain_tumour"] and config["tasks"]["brain_tumour"]["split"]["n"] >= 5
+    assert len(config["finetune"]["label_ratios"]) >= 3  # 1 and at least two of 1/2 ... 1/10
+    assert set(config["finetune"]["inits"]) == set(config["probe"]["inits"]) == {"scratch", "genesis", "sar"}
+    assert jobs["finetune"] == jobs["evaluate"] == len(finetune_jobs(config))
+    assert jobs["probe"] == len(probe_files(config))
+    assert jobs["pretrain"] == len(config["pretrain"]["methods"])
+    for rule in ("report_table2", "report_table4", "report_probe", "figure_restoration", "figure_qualitative"):
+        assert jobs[rule] == 1, rule
+    assert jobs["figure_loss_curves"] == len(config["report"]["loss_curve_ratios"])
+    assert not (tmp_path / "results").exists()  # planned, not run
 
 
 def test_unknown_config_key_fails_before_any_job(tmp_path: Path) -> None:
@@ -122,7 +153,7 @@ def test_study_produces_every_table_and_figure(study: Study) -> None:
     table3 = pd.read_csv(results / "tables" / "table3.csv")
     assert set(table3["init"]) == {"sar_s2", "sar"} and set(table3["task"]) == {"brain_tumour"}
     assert (results / "tables" / "table4.md").exists()
-    for name in ("loss_curves_pancreas", "qualitative_brain_tumour", "table4_label_ratios", "restoration"):
+    for name in ("loss_curves_pancreas_r1", "qualitative_brain_tumour", "table4_label_ratios", "restoration"):
         assert (results / "figures" / f"{name}.png").stat().st_size > 1000, name
     # no finished-looking leftovers of atomic writes
     assert not list(results.rglob("*.partial*"))

@@ -164,7 +164,7 @@ class UnfinishedFold:
             path.unlink()
         shutil.rmtree(fold.evaluation.with_name("fold1_pred"))
         for pattern in ("tables/table2.*", "tables/table2_hd95.*", "tables/table4.*",
-                        "figures/table4_label_ratios.*", "figures/loss_curves_pancreas.*"):
+                        "figures/table4_label_ratios.*", "figures/loss_curves_pancreas_r1.*"):
             for path in results.glob(pattern):
                 path.unlink()
         others = sorted(results.glob("models/finetune/**/model.pt")) + sorted(results.glob("eval/**/*.csv"))

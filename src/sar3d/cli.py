@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volumes", type=Path, required=True, help="the dataset's normalised pre-training folder")
     p.add_argument("--out", type=Path, required=True)
 
-    for stage in ("finetune", "evaluate"):
+    for stage in ("finetune", "evaluate", "probe"):
         p = sub.add_parser(stage, help=f"{stage} one (task, init, ratio, fold)")
         _add_common(p)
         p.add_argument("--task", required=True)
@@ -85,19 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split", type=Path, required=True)
         p.add_argument("--data", type=Path, required=True)
         p.add_argument("--out", type=Path, required=True)
-        if stage == "finetune":
+        if stage != "evaluate":
             p.add_argument("--pretrained", type=Path, default=None)
+        if stage == "finetune":
             p.add_argument("--checkpoint", type=Path, required=True)
-        else:
+        elif stage == "evaluate":
             p.add_argument("--model", type=Path, required=True)
             p.add_argument("--predictions", type=Path, default=None,
                            help="folder for the first test cases' predicted masks (evaluate.save_predictions)")
 
     p = sub.add_parser("report", help="one of the paper's tables (2, 3, 4) from evaluation files")
     _add_common(p)
-    p.add_argument("--table", default="table2", choices=["table2", "table2_hd95", "table3", "table4"])
+    p.add_argument("--table", default="table2", choices=["table2", "table2_hd95", "table3", "table4", "probe"])
     p.add_argument("--evaluations", type=Path, nargs="*", default=None,
-                   help="evaluation CSVs (default: whichever files of the config's grid exist)")
+                   help="evaluation CSVs, for 'probe' the probe CSVs (default: whichever files of the config's "
+                        "grid exist)")
     p.add_argument("--out-csv", type=Path, default=None, help="default: results/tables/<table>.csv")
     p.add_argument("--out-md", type=Path, default=None, help="default: results/tables/<table>.md")
     p.add_argument("--out-figure", type=Path, nargs="*", default=[], help="table4: figure files (.png, .svg)")
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--kind", required=True, choices=["loss", "qualitative", "restoration"])
     p.add_argument("--task", help="loss, qualitative: the task")
+    p.add_argument("--ratio", type=float, default=1.0, help="loss: the label ratio")
     p.add_argument("--out", type=Path, nargs="+", required=True, help="figure files (.png, .svg)")
     p.add_argument("--data", type=Path, help="qualitative: the task's preprocessed folder")
     p.add_argument("--split", type=Path, help="qualitative: the split whose first test cases are shown")
@@ -218,6 +221,15 @@ def run(args: argparse.Namespace) -> int:
             config, args.task, args.init, args.ratio, args.fold, args.split, args.data, args.model, args.out,
             args.predictions,
         )
+    elif stage == "probe":
+        from sar3d.evaluation.probe import run_probe
+
+        run_probe(config, args.task, args.init, args.ratio, args.fold, args.split, args.data, args.pretrained,
+                  args.out)
+    elif stage == "report" and args.table == "probe":
+        from sar3d.reporting.probe import run_probe_report
+
+        run_probe_report(config, args.evaluations, args.out_csv, args.out_md)
     elif stage == "report":
         from sar3d.reporting.report import run_report
 
@@ -239,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.task is None:
             raise SystemExit(f"sar3d figure --kind {args.kind} needs --task")
         elif args.kind == "loss":
-            figures.plot_loss_curves(config, args.task, args.out)
+            figures.plot_loss_curves(config, args.task, args.out, args.ratio)
         else:
             if args.data is None or args.split is None:
                 raise SystemExit("sar3d figure --kind qualitative needs --data and --split")

@@ -18,7 +18,15 @@ import yaml
 
 from sar3d.schema import ConfigError, fill_defaults, key_path
 
-__all__ = ["ConfigError", "deep_merge", "flatten", "load_config", "resources_for", "tracking_uri", "validate_config"]
+__all__ = [
+    "ConfigError", "deep_merge", "drop_removed", "flatten", "load_config", "resources_for", "tracking_uri",
+    "validate_config",
+]
+
+# Catalogues an overlay config can remove an inherited entry from by setting it to null
+# (`tasks: {pancreas: null}`): Snakemake merges `--configfile` overlays key by key, so
+# without this an overlay could add a task or method but never leave one out.
+REMOVABLE = (("datasets",), ("tasks",), ("pretrain", "datasets"), ("pretrain", "methods"))
 
 
 def schema_path() -> Path:
@@ -30,9 +38,21 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(schema_path().read_text())
 
 
+def drop_removed(config: dict[str, Any]) -> dict[str, Any]:
+    """Delete, in place, the null entries of the :data:`REMOVABLE` catalogues; returns ``config``."""
+    for keys in REMOVABLE:
+        node: Any = config
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            for name in [k for k, v in node.items() if v is None]:
+                del node[name]
+    return config
+
+
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate against the schema, fill defaults and cross-check; returns a new dict."""
-    config = copy.deepcopy(config)
+    """Drop removed entries, validate against the schema, fill defaults and cross-check; returns a new dict."""
+    config = drop_removed(copy.deepcopy(config))
     schema = load_schema()
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -76,12 +96,16 @@ def _cross_check(config: dict[str, Any]) -> None:
     from sar3d.pretraining.registry import SCRATCH, validate_blocks
 
     validate_blocks(config)
-    for key in ("inits", "full_label_inits", "ablation_inits"):
-        for init in config["finetune"][key]:
+    init_lists = [("finetune", key) for key in ("inits", "full_label_inits", "ablation_inits")] + [("probe", "inits")]
+    for section, key in init_lists:
+        for init in config[section][key]:
             if init != SCRATCH and init not in config["pretrain"]["methods"]:
                 raise ConfigError(
-                    f"config key 'finetune.{key}': '{init}' is neither 'scratch' nor in 'pretrain.methods'"
+                    f"config key '{section}.{key}': '{init}' is neither 'scratch' nor in 'pretrain.methods'"
                 )
+    for ratio in config["report"]["loss_curve_ratios"]:
+        if ratio not in config["finetune"]["label_ratios"]:
+            raise ConfigError(f"config key 'report.loss_curve_ratios': {ratio} is not in 'finetune.label_ratios'")
     if 1 not in config["finetune"]["label_ratios"]:
         raise ConfigError(
             "config key 'finetune.label_ratios': must contain 1 (Tables 2 and 3 and the figures use all labels)"

@@ -24,6 +24,8 @@ FINETUNE_CHECKPOINT = "{results}/models/finetune/{task}/{init}/r{ratio}/fold{fol
 EVALUATION = "{results}/eval/{task}/{init}/r{ratio}/fold{fold}.csv"
 EVALUATION_SUMMARY = "{results}/eval/{task}/{init}/r{ratio}/fold{fold}.json"
 EVALUATION_PREDICTIONS = "{results}/eval/{task}/{init}/r{ratio}/fold{fold}_pred"
+# Linear probes of an init's frozen features (sar3d.evaluation.probe): Dice per test case, class, level.
+PROBE = "{results}/probe/{task}/{init}/r{ratio}/fold{fold}.csv"
 TABLE2 = "{results}/tables/table2.csv"
 TABLE2_MD = "{results}/tables/table2.md"
 TABLE = "{results}/tables/{table}.csv"

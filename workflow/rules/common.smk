@@ -9,13 +9,18 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from sar3d import grid, paths, slurm
-from sar3d.config import ConfigError, resources_for, validate_config
+from sar3d.config import ConfigError, drop_removed, resources_for, validate_config
 from sar3d.pretraining import registry
 from sar3d.pretraining.base import VOLUMES
 from sar3d.pretraining.registry import SCRATCH
+from sar3d.reporting.figures import loss_curve_name
+from sar3d.reporting.probe import probe_files
 from sar3d.reporting.restoration import FIGURE as RESTORATION_FIGURE
 from sar3d.reporting.restoration import restoration_methods
 
+# An overlay's null entries remove what config.yaml defines (sar3d.config.REMOVABLE), here
+# in Snakemake's own config too, so `validate` below sees the same study.
+drop_removed(config)
 # sar3d's own check first: it names the offending key in one line (and cross-checks
 # datasets, tasks and methods); then Snakemake's validate fills schema defaults.
 try:
@@ -221,7 +226,10 @@ def report_outputs():
         if RESTORATION_METHODS:
             out.append(figure_path(RESTORATION_FIGURE, ext))
         for task in STUDY["tasks"]:
-            out += [figure_path(f"loss_curves_{task}", ext), figure_path(f"qualitative_{task}", ext)]
+            out.append(figure_path(f"qualitative_{task}", ext))
+            out += [figure_path(loss_curve_name(task, r), ext) for r in STUDY["report"]["loss_curve_ratios"]]
+    if STUDY["probe"]["inits"]:
+        out += [table_path("probe"), table_path("probe", "md")]
     return out
 
 
@@ -229,7 +237,7 @@ wildcard_constraints:
     dataset="|".join(STUDY["datasets"]),
     task="|".join(STUDY["tasks"]),
     method="|".join(STUDY["pretrain"]["methods"]),
-    init="|".join(grid.all_inits(STUDY)),
+    init="|".join(dict.fromkeys([*grid.all_inits(STUDY), *STUDY["probe"]["inits"]])),
     artefact=r"[A-Za-z0-9_]+",
     fold=r"\d+",
     ratio=r"[0-9.]+",

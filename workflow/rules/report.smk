@@ -77,15 +77,14 @@ rule report_table4:
 
 rule figure_loss_curves:
     output:
-        png=report(figure_path("loss_curves_{task}", "png"), caption="../report/loss_curves.rst", category="Figures",
-                   subcategory="{task}"),
-        svg=figure_path("loss_curves_{task}", "svg"),
+        png=report(figure_path("loss_curves_{task}_r{ratio}", "png"), caption="../report/loss_curves.rst",
+                   category="Figures", subcategory="{task}"),
+        svg=figure_path("loss_curves_{task}_r{ratio}", "svg"),
     input:
         # the curves are read from MLflow; the models order this job after every fine-tuning run
         models=lambda wc: [
-            path(paths.FINETUNED, task=wc.task, init=init, ratio="1", fold=fold)
-            for init in STUDY["finetune"]["inits"]
-            for fold in task_folds(wc.task)
+            path(paths.FINETUNED, task=j.task, init=j.init, ratio=j.ratio, fold=j.fold)
+            for j in grid.finetune_jobs(STUDY, tasks=[wc.task], ratios=[wc.ratio])
         ],
         tracking=TRACKING,
     params:
@@ -94,9 +93,9 @@ rule figure_loss_curves:
     resources:
         **rule_resources("default"),
     log:
-        log("figure", "loss_curves_{task}"),
+        log("figure", "loss_curves_{task}_r{ratio}"),
     shell:
-        "sar3d figure --config {params.config} --kind loss --task {wildcards.task}"
+        "sar3d figure --config {params.config} --kind loss --task {wildcards.task} --ratio {wildcards.ratio}"
         " --out {output.png} {output.svg} > {log} 2>&1"
 
 

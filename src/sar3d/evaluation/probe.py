@@ -2,13 +2,29 @@
 
 Why: fine-tuning Dice mixes representation quality with optimisation noise. A
 1x1x1 convolution (one weight per feature channel, one bias) trained on the
-frozen last decoder level of an initialisation, with the same few labelled
-voxels for every init, scores the features alone; a randomly initialised
-network is its floor.
+frozen features of an initialisation, with the same few labelled voxels for
+every init, scores the features alone; a randomly initialised network is its
+floor.
+
+:func:`run_probe` (``sar3d probe``, one job per task, init and fold) probes
+every level: the four encoder levels (``enc1`` full resolution ... ``enc4`` the
+bottleneck at 1/8) and the last decoder level (``dec``), so a representation
+that is lost on the way through the decoder shows as a drop from an encoder
+level to ``dec``. A level below full resolution is probed at its own
+resolution (the target is the mask average-pooled to it, > 0.5) and its logits
+are upsampled trilinearly for Dice. The labelled cases are the fold's training
+cases at the label ratio (``labelled_cases``, as fine-tuning at that ratio);
+the network is the fine-tuning's starting point (``init_model``: seeded random
+for ``scratch``), so the probe scores what fine-tuning starts from.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,7 +32,13 @@ from torch import Tensor, nn
 from sar3d.metrics import dice_score
 from sar3d.nets.unet import UNet3D, batch_statistics
 
-__all__ = ["fit_linear_probe", "probe_dice", "probe_features"]
+__all__ = ["LEVELS", "fit_linear_probe", "level_features", "probe_dice", "probe_features", "run_probe"]
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("enc1", "enc2", "enc3", "enc4", "dec")
+DOWNSAMPLING = 8  # three max-poolings between enc1 and enc4
+CSV_COLUMNS = ["task", "init", "ratio", "fold", "class", "level", "case", "dice"]
 
 
 @torch.no_grad()
@@ -75,3 +97,101 @@ def probe_dice(probe: nn.Conv3d, features: Tensor, target: Tensor) -> list[float
     predicted = probe(features) > 0
     target = target.reshape(predicted.shape).bool()
     return [dice_score(p, t) for p, t in zip(predicted, target, strict=True)]
+
+
+@torch.no_grad()
+def level_features(net: UNet3D, image: Tensor) -> dict[str, Tensor]:
+    """Every level of :data:`LEVELS` for one ``(1, 1, X, Y, Z)`` volume, padded to a multiple of 8.
+
+    Batch statistics as in :func:`probe_features`; the padding (zeros at the far
+    end) is cropped off again by :func:`level_logits`.
+    """
+    pad = [(-n) % DOWNSAMPLING for n in image.shape[2:]]
+    x = F.pad(image, [p for n in reversed(pad) for p in (0, n)])
+    with batch_statistics(net):
+        encoded = net.encode(x)
+        decoded = net.decode_features(encoded)
+    return {**{f"enc{i + 1}": f for i, f in enumerate(encoded)}, "dec": decoded}
+
+
+def level_target(mask: Tensor, features: Tensor) -> Tensor:
+    """A ``(1, 1, X, Y, Z)`` mask brought to a level's grid: padded, average-pooled, > 0.5."""
+    factor = _factor(mask, features)
+    padded = [f * factor for f in features.shape[2:]]
+    pad = [p - n for p, n in zip(padded, mask.shape[2:], strict=True)]
+    x = F.pad(mask.float(), [p for n in reversed(pad) for p in (0, n)])
+    return (F.avg_pool3d(x, factor) > 0.5).float() if factor > 1 else x
+
+
+def level_logits(probe: nn.Conv3d, features: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The probe's logits upsampled (trilinear) to the padded full grid and cropped to ``shape`` (X, Y, Z)."""
+    logits = probe(features)
+    factor = _factor_of(features, shape)
+    if factor > 1:
+        logits = F.interpolate(logits, scale_factor=factor, mode="trilinear", align_corners=False)
+    return logits[..., : shape[0], : shape[1], : shape[2]]
+
+
+def _factor(mask: Tensor, features: Tensor) -> int:
+    return _factor_of(features, tuple(mask.shape[2:]))
+
+
+def _factor_of(features: Tensor, shape: tuple[int, ...]) -> int:
+    padded = -(-shape[0] // DOWNSAMPLING) * DOWNSAMPLING
+    return padded // features.shape[2]
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    """Cases of different sizes as one ``(1, C, V, 1, 1)`` batch (a 1x1x1 probe does not see space)."""
+    return torch.cat([t.flatten(2) for t in tensors], dim=2)[..., None, None]
+
+
+def run_probe(
+    config: dict[str, Any], task: str, init: str, ratio: float, fold: int, split: Path, data: Path,
+    pretrained: Path | None, out: Path,
+) -> pd.DataFrame:
+    """Probe every class of ``task`` at every level; Dice per test case to ``out`` (CSV), means to MLflow."""
+    from sar3d.data.tasks import fold_cases, load_case, read_manifest
+    from sar3d.finetuning.run import init_model, labelled_cases
+    from sar3d.io import atomic_output
+    from sar3d.seeding import derive_seed
+    from sar3d.tracking import tracked_run
+
+    pcfg = config["probe"]
+    classes = config["tasks"][task]["classes"]
+    manifest = read_manifest(data)
+    train, _ = labelled_cases(config, task, fold, ratio, fold_cases(split, manifest, "train"),
+                              fold_cases(split, manifest, "val"))
+    test = fold_cases(split, manifest, "test")
+    net, _ = init_model(config, task, init, fold, pretrained)
+    net.eval()
+
+    def load(cases: list[str]) -> list[tuple[dict[str, Tensor], Tensor]]:
+        items = [load_case(data, manifest[c], classes) for c in cases]
+        return [(level_features(net, torch.as_tensor(it["image"])[None].float()), torch.as_tensor(it["label"])[None])
+                for it in items]
+
+    labelled, tested = load(train), load(test)
+    records = []
+    for k, cls in enumerate(classes):
+        for level in LEVELS:
+            features = _flat([f[level] for f, _ in labelled])
+            target = _flat([level_target(y[:, k : k + 1], f[level]) for f, y in labelled])
+            probe = fit_linear_probe(features, target, steps=pcfg["steps"], lr=pcfg["lr"],
+                                     seed=derive_seed(config["seed"], "probe", task, fold, cls, level))
+            with torch.no_grad():
+                for case, (f, y) in zip(test, tested, strict=True):
+                    mask = y[:, k : k + 1]
+                    predicted = level_logits(probe, f[level], tuple(mask.shape[2:])) > 0
+                    records.append({"task": task, "init": init, "ratio": ratio, "fold": fold, "class": cls,
+                                    "level": level, "case": case, "dice": dice_score(predicted[0], mask[0].bool())})
+    frame = pd.DataFrame.from_records(records, columns=CSV_COLUMNS)
+    identity = {"task": task, "init": init, "ratio": ratio, "fold": fold}
+    with tracked_run(config, "probe", identity, params={"probe": pcfg, "n_train_cases": len(train)}) as run:
+        with atomic_output(Path(out)) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6f")
+        means = frame.groupby(["class", "level"])["dice"].mean()
+        run.metrics({f"probe/dice_{cls}/{level}": float(v) for (cls, level), v in means.items() if v == v})
+        run.artifact(Path(out))
+    log.info("probe %s %s fold %d on %d labelled case(s):\n%s", task, init, fold, len(train), means.to_string())
+    return frame

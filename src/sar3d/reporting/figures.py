@@ -1,9 +1,10 @@
 """The paper's figures, as PNG and SVG (matplotlib, Agg backend: no display needed).
 
-* :func:`plot_loss_curves` - Fig. 3: fine-tuning Dice-loss curves per
-  initialisation for one task (label ratio 1), read from the MLflow metric
-  history of the fine-tuning runs (``train/loss_dice``, ``val/loss_dice``, one
-  point per epoch); mean over folds with a ± std band.
+* :func:`plot_loss_curves` - Fig. 3: fine-tuning curves per initialisation for
+  one task at one label ratio (``report.loss_curve_ratios``), read from the
+  MLflow metric history of the fine-tuning runs (``train/loss_dice``,
+  ``val/loss_dice`` and the first class's ``val/dice_*``, one point per epoch,
+  drawn against fine-tuning steps); mean over folds with a ± std band.
 * :func:`plot_label_ratios` - Table 4 as a figure: Dice vs fraction of
   annotated training cases (log x), one panel per task, mean ± std over folds.
 * :func:`plot_qualitative` - for the first test cases of fold 0 (label ratio 1),
@@ -25,14 +26,14 @@ import numpy as np
 import pandas as pd
 
 from sar3d import paths
-from sar3d.grid import table2_inits
+from sar3d.grid import table2_inits, table4_inits
 from sar3d.io import atomic_output, load_volume, read_json
 from sar3d.pretraining.registry import display_name
+from sar3d.reporting.labels import ratio_label
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("png", "svg")
-LOSS_METRICS = (("train/loss_dice", "training"), ("val/loss_dice", "validation"))
 QUALITATIVE_FOLD = 0
 
 
@@ -60,6 +61,18 @@ def figure_paths(config: Mapping[str, Any], name: str) -> list[Path]:
 # --------------------------------------------------------------------------- Fig. 3: loss curves
 
 
+def loss_curve_name(task: str, ratio: float) -> str:
+    """Figure name of a task's fine-tuning curves at one label ratio."""
+    return f"loss_curves_{task}_r{paths.ratio_tag(ratio)}"
+
+
+def curve_metrics(config: Mapping[str, Any], task: str) -> list[tuple[str, str, str]]:
+    """``(MLflow metric, panel title, y label)`` of each panel: the Dice losses, then the first class's Dice."""
+    first = next(iter(config["tasks"][task]["classes"]))
+    return [("train/loss_dice", "training loss", "Dice loss"), ("val/loss_dice", "validation loss", "Dice loss"),
+            (f"val/dice_{first}", f"validation Dice ({first})", "Dice")]
+
+
 def loss_histories(config: Mapping[str, Any], task: str, ratio: float = 1.0) -> pd.DataFrame:
     """Long form ``init, fold, metric, epoch, value`` of every finished fine-tuning run of a task and ratio.
 
@@ -73,44 +86,50 @@ def loss_histories(config: Mapping[str, Any], task: str, ratio: float = 1.0) -> 
     for (run_task, init, run_tag, fold), run in stage_runs(config, "finetune").items():
         if run_task != task or run_tag != tag:
             continue
-        for metric, _ in LOSS_METRICS:
+        for metric, _, _ in curve_metrics(config, task):
             history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: (m.step, m.timestamp))
             last = {m.step: m.value for m in history}
             records += [{"init": init, "fold": fold, "metric": metric, "epoch": e, "value": v} for e, v in last.items()]
     return pd.DataFrame.from_records(records, columns=["init", "fold", "metric", "epoch", "value"])
 
 
-def plot_loss_curves(config: Mapping[str, Any], task: str, outs: Sequence[Path]) -> None:
-    """Fig. 3 for one task: mean ± std over folds of the fine-tuning loss per epoch, per init."""
-    from matplotlib.ticker import MaxNLocator
+def plot_loss_curves(config: Mapping[str, Any], task: str, outs: Sequence[Path], ratio: float = 1.0) -> None:
+    """Fig. 3 for one task and label ratio: mean ± std over folds, per init, against fine-tuning steps.
 
+    Ratio 1 shows every init of Table 2, any other ratio those of Table 4. Each
+    point is the end of an epoch (``finetune.steps_per_epoch`` steps).
+    """
     plt = _pyplot()
-    history = loss_histories(config, task)
-    fig, axes = plt.subplots(1, len(LOSS_METRICS), figsize=(5 * len(LOSS_METRICS), 3.6), squeeze=False)
-    inits = table2_inits(config)  # every init at label ratio 1, in the tables' order
+    history = loss_histories(config, task, ratio)
+    panels = curve_metrics(config, task)
+    steps = config["finetune"]["steps_per_epoch"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    inits = table2_inits(config) if ratio == 1 else table4_inits(config)
     absent = [i for i in inits if i not in set(history["init"])]
     # one colour per init even past ten rows (tab10 would repeat: eleven rows in the default study)
     palette = plt.get_cmap("tab10" if len(inits) <= 10 else "tab20").colors
-    for ax, (metric, label) in zip(axes[0], LOSS_METRICS, strict=True):
+    for ax, (metric, title, ylabel) in zip(axes[0], panels, strict=True):
         for index, init in enumerate(inits):
             sub = history[(history["init"] == init) & (history["metric"] == metric)]
             if sub.empty:
                 continue
             stats = sub.groupby("epoch")["value"].agg(["mean", "std", "count"])
+            x = (stats.index + 1) * steps
             legend = f"{display_name(config, init)} (n={sub['fold'].nunique()})"
-            line = ax.plot(stats.index + 1, stats["mean"], label=legend, color=palette[index % len(palette)])
-            ax.fill_between(stats.index + 1, stats["mean"] - stats["std"].fillna(0),
-                            stats["mean"] + stats["std"].fillna(0), color=line[0].get_color(), alpha=0.15)
-        ax.set(xlabel="epoch", ylabel="Dice loss", title=f"{task}: {label} loss")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            line = ax.plot(x, stats["mean"], label=legend, color=palette[index % len(palette)], marker=".")
+            ax.fill_between(x, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
+                            color=line[0].get_color(), alpha=0.15)
+        ax.set(xlabel="fine-tuning step", ylabel=ylabel, title=f"{task}: {title}")
         ax.grid(alpha=0.3)
-    if history.empty:
-        axes[0][0].text(0.5, 0.5, "no finished fine-tuning run", ha="center", transform=axes[0][0].transAxes)
+    drawn = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+    if drawn:
+        drawn[-1].legend(fontsize="small")
     else:
-        axes[0][-1].legend(fontsize="small")
+        axes[0][0].text(0.5, 0.5, "no finished fine-tuning run", ha="center", transform=axes[0][0].transAxes)
     if absent:
         fig.text(0.01, -0.02, "no run: " + ", ".join(display_name(config, i) for i in absent), fontsize="small")
-    fig.suptitle(f"Fine-tuning loss (label ratio 1), mean ± std over folds - {task}")
+    fig.suptitle(f"Fine-tuning curves (label ratio {ratio_label(ratio)}), mean ± std over folds - {task}",
+                 y=1.04)
     save_figure(fig, outs)
 
 
@@ -133,8 +152,6 @@ def plot_label_ratios(config: Mapping[str, Any], table4: pd.DataFrame, outs: Seq
         column = sub["column"].iloc[0].rsplit(" ", 1)[0] if len(sub) else ""
         ax.set_xscale("log")
         ratios = sorted(set(sub["ratio"]))
-        from sar3d.reporting.labels import ratio_label
-
         ax.set_xticks(ratios, [ratio_label(r) for r in ratios])
         ax.minorticks_off()
         ax.set(xlabel="fraction of annotated training cases", ylabel="Dice (%)", title=f"{task} ({column})")
@@ -227,9 +244,10 @@ def run_figures_all(config: Mapping[str, Any]) -> list[Path]:
     results = config["results_dir"]
     written: list[Path] = []
     for task in config["tasks"]:
-        outs = figure_paths(config, f"loss_curves_{task}")
-        plot_loss_curves(config, task, outs)
-        written += outs
+        for ratio in config["report"]["loss_curve_ratios"]:
+            outs = figure_paths(config, loss_curve_name(task, ratio))
+            plot_loss_curves(config, task, outs, ratio)
+            written += outs
         data = paths.fill(paths.PREPROCESSED_TASK, results, task=task)
         split = paths.fill(paths.SPLIT, results, task=task, fold=QUALITATIVE_FOLD)
         if not (data / paths.MANIFEST).exists() or not split.exists():

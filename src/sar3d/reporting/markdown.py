@@ -111,27 +111,48 @@ def render_markdown(config: Mapping[str, Any], spec: TableSpec, table: pd.DataFr
 def _comparison_markdown(
     config: Mapping[str, Any], spec: TableSpec, table: pd.DataFrame, headers: list[str]
 ) -> list[str]:
+    """The reference vs each other init (Δ = reference - other), then each init vs each baseline (Δ = init -
+    baseline): one section per comparison whose rows are in the table."""
     reference = config["report"]["reference"]
-    others = [i for i in spec.inits if i != reference]
-    if reference not in spec.inits or not others:
+    lines = []
+    if reference in spec.inits:
+        name = display_name(config, reference)
+        others = [i for i in spec.inits if i != reference]
+        lines += _comparison_section(config, spec, table, headers, f"{name} vs each other initialisation",
+                                     f"Δ = mean({name}) − mean(other)", others, "")
+    for baseline in config["report"]["baselines"]:
+        if baseline in spec.inits:
+            name = display_name(config, baseline)
+            others = [i for i in spec.inits if i != baseline]
+            lines += _comparison_section(config, spec, table, headers, f"Each initialisation vs {name}",
+                                         f"Δ = mean(row) − mean({name})", others, f"_vs_{baseline}")
+    return lines
+
+
+def _comparison_section(
+    config: Mapping[str, Any], spec: TableSpec, table: pd.DataFrame, headers: list[str], title: str, delta: str,
+    rows: list[str], suffix: str,
+) -> list[str]:
+    if not rows:
         return []
     rcfg = config["report"]
     test = "Student's" if rcfg["ttest_equal_var"] else "Welch's"
     lines = [
-        "", f"## {display_name(config, reference)} vs each other initialisation", "",
-        f"Δ = mean({display_name(config, reference)}) − mean(other) in {spec.metric.unit}, with its "
+        "", f"## {title}", "",
+        f"{delta} in {spec.metric.unit}, with its "
         f"{rcfg['confidence']:.0%} percentile bootstrap CI ({rcfg['bootstrap_samples']} resamples of the folds, "
         f"seeded); p = two-sided {test} two-sample t-test over folds. n/a: fewer than 2 folds on a side.", "",
         "| vs | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers),
     ]
-    for init in others:
+    for init in rows:
         cells = []
         for col in spec.columns:
             r = _cell_record(table, col, init)
-            if np.isnan(r["mean_diff"]):
+            if np.isnan(r[f"mean_diff{suffix}"]):
                 cells.append(DASH)
                 continue
-            ci = "" if np.isnan(r["ci_low"]) else f" [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
-            cells.append(f"Δ {r['mean_diff']:+.2f}{ci}, p {format_p(r['p_value'])}")
+            low, high = r[f"ci_low{suffix}"], r[f"ci_high{suffix}"]
+            ci = "" if np.isnan(low) else f" [{low:+.2f}, {high:+.2f}]"
+            cells.append(f"Δ {r[f'mean_diff{suffix}']:+.2f}{ci}, p {format_p(r[f'p_value{suffix}'])}")
         lines.append(f"| {display_name(config, init)} | " + " | ".join(cells) + " |")
     return lines

@@ -119,20 +119,36 @@ def build_table(config: Mapping[str, Any], spec: TableSpec, grid: Evaluations) -
             })
         for rec in records[-len(spec.inits):]:
             init = rec["init"]
-            if reference in values and init != reference:
-                cmp = compare(
-                    values[reference].to_numpy(), values[init].to_numpy(),
-                    seed=derive_seed(config["seed"], "report", spec.name, col.task, col.label, init),
-                    equal_var=rcfg["ttest_equal_var"], n_resamples=rcfg["bootstrap_samples"],
-                    confidence=rcfg["confidence"],
-                )
-                rec.update(reference=reference, mean_diff=cmp.mean_diff, p_value=cmp.p_value,
-                           ci_low=cmp.ci_low, ci_high=cmp.ci_high)
-            else:
-                rec.update(reference="", mean_diff=np.nan, p_value=np.nan, ci_low=np.nan, ci_high=np.nan)
+            # Δ = reference - init (the paper's "SAR vs others"), then init - baseline per baseline
+            rec.update(reference=reference if reference in values and init != reference else "",
+                       **_compared(config, spec, col, values, reference, init, ""))
+            for baseline in rcfg["baselines"]:
+                rec.update(_compared(config, spec, col, values, init, baseline, f"_vs_{baseline}"))
     table = pd.DataFrame.from_records(records)
     table["best"] = best_flags(table, spec.metric)
     return table
+
+
+COMPARISON_FIELDS = ("mean_diff", "p_value", "ci_low", "ci_high")
+
+
+def _compared(
+    config: Mapping[str, Any], spec: TableSpec, col: Column, values: Mapping[str, pd.Series], first: str,
+    second: str, suffix: str,
+) -> dict[str, float]:
+    """``mean(first) - mean(second)`` over folds, its p-value and CI, as ``<field><suffix>``; NaN if either is
+    not a row of the table or they are the same init."""
+    if first == second or first not in values or second not in values:
+        return {f"{field}{suffix}": np.nan for field in COMPARISON_FIELDS}
+    rcfg = config["report"]
+    # the seed of the reference comparison is the one tables had before baselines existed
+    pair = (second,) if first == rcfg["reference"] else (first, second)
+    cmp = compare(
+        values[first].to_numpy(), values[second].to_numpy(),
+        seed=derive_seed(config["seed"], "report", spec.name, col.task, col.label, *pair),
+        equal_var=rcfg["ttest_equal_var"], n_resamples=rcfg["bootstrap_samples"], confidence=rcfg["confidence"],
+    )
+    return {f"{field}{suffix}": getattr(cmp, field) for field in COMPARISON_FIELDS}
 
 
 def best_flags(table: pd.DataFrame, metric: Metric) -> pd.Series:
