@@ -64,6 +64,28 @@ def test_paper_overlay_cube_counts_and_epochs_follow_table_1() -> None:
     assert config["finetune"]["plateau"]["patience"] < config["finetune"]["early_stopping_patience"]
 
 
+def test_null_entries_of_an_overlay_remove_what_config_yaml_defines() -> None:
+    """The evidence overlay leaves out a task, its dataset and pre-training methods by setting them to null."""
+    overlay = yaml.safe_load((REPO / "config" / "evidence.yaml").read_text())
+    config = load_config(REPO / "config.yaml", overlay)
+    assert list(config["tasks"]) == ["brain_tumour"] and "pancreas" not in config["datasets"]
+    assert list(config["pretrain"]["methods"]) == ["genesis", "sar"]
+    assert config["datasets"]["brats"]["n_cases"] == overlay["datasets"]["brats"]["n_cases"]
+    # null stays an error where it removes nothing: a key, not a catalogue entry
+    with pytest.raises(ConfigError, match="config key 'seed'"):
+        load_config(REPO / "config.yaml", {"seed": None})
+    # removing a dataset a task still needs is named like any missing dataset
+    with pytest.raises(ConfigError, match="'tasks.pancreas.dataset': no dataset 'pancreas'"):
+        load_config(REPO / "config.yaml", {"datasets": {"pancreas": None}})
+
+
+def test_probe_inits_and_curve_ratios_are_checked() -> None:
+    with pytest.raises(ConfigError, match="'probe.inits': 'nope' is neither 'scratch' nor in 'pretrain.methods'"):
+        load_config(REPO / "config.yaml", {"probe": {"inits": ["scratch", "nope"]}})
+    with pytest.raises(ConfigError, match="'report.loss_curve_ratios': 0.5 is not in 'finetune.label_ratios'"):
+        load_config(REPO / "config.yaml", {"report": {"loss_curve_ratios": [0.5]}})
+
+
 def test_unknown_key_is_named(tmp_path: Path) -> None:
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
     raw["pretrain"]["learning_rate"] = 0.1

@@ -6,7 +6,15 @@ import math
 
 import torch
 
-from sar3d.evaluation.probe import fit_linear_probe, probe_dice, probe_features
+from sar3d.evaluation.probe import (
+    LEVELS,
+    fit_linear_probe,
+    level_features,
+    level_logits,
+    level_target,
+    probe_dice,
+    probe_features,
+)
 from sar3d.nets.unet import UNet3D
 
 
@@ -72,3 +80,39 @@ def test_unet_features_are_the_last_decoder_level_and_change_nothing():
     with torch.no_grad():  # decode() is the output layer on these features
         net.train()
         torch.testing.assert_close(net.decode(net.encode(x)), torch.sigmoid(net.out_tr(feats)))
+
+
+def test_every_level_of_an_odd_sized_volume_maps_back_to_its_grid():
+    """Volumes whose sides are not multiples of 8 are padded for the U-Net; masks and logits follow each level."""
+    net = UNet3D(in_channels=1, out_channels=1, width=0.125)
+    shape = (36, 34, 28)
+    image = _noise((1, 1, *shape), 5)
+    mask = torch.zeros(1, 1, *shape)
+    mask[..., 8:24, 8:24, 8:16] = 1  # inside, on the coarsest grid's cells: every level holds it exactly
+    levels = level_features(net, image)
+    assert list(levels) == list(LEVELS)
+    padded = (40, 40, 32)
+    for name, factor in zip(LEVELS, (1, 2, 4, 8, 1), strict=True):
+        features = levels[name]
+        assert tuple(features.shape[2:]) == tuple(n // factor for n in padded), name
+        target = level_target(mask, features)
+        assert target.shape[2:] == features.shape[2:], name
+        # a "probe" that outputs the pooled mask itself maps back onto the mask: no shift at any level
+        identity = torch.nn.Conv3d(1, 1, 1)
+        with torch.no_grad():
+            identity.weight.fill_(20.0)
+            identity.bias.fill_(-10.0)
+        restored = level_logits(identity, target, shape) > 0
+        assert restored.shape == (1, 1, *shape)
+        # trilinear upsampling rounds a coarse box's corners off, it does not move the box
+        assert probe_dice_from_masks(restored, mask) > (0.99 if factor == 1 else 0.7), name
+        assert torch.allclose(_centre(restored), _centre(mask), atol=0.5), name
+
+
+def _centre(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask[0, 0]).float().mean(dim=0)
+
+
+def probe_dice_from_masks(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.bool(), b.bool()
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))

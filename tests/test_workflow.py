@@ -155,6 +155,16 @@ def test_study_produces_every_table_and_figure(study: Study) -> None:
     assert (results / "tables" / "table4.md").exists()
     for name in ("loss_curves_pancreas_r1", "qualitative_brain_tumour", "table4_label_ratios", "restoration"):
         assert (results / "figures" / f"{name}.png").stat().st_size > 1000, name
+    assert "## Each initialisation vs Scratch" in md  # report.baselines
+    # the probes: every level of both inits on every test case, SAR compared with the random-init floor
+    probe = pd.read_csv(results / "tables" / "probe.csv")
+    assert set(probe["init"]) == {"scratch", "sar"} and set(probe["task"]) == {"brain_tumour", "pancreas"}
+    assert set(probe["level"]) == {"enc1", "enc2", "enc3", "enc4", "dec"}
+    assert probe["mean"].between(0, 100).all()
+    assert probe.loc[probe["init"] == "sar", "mean_diff_vs_scratch"].notna().all()
+    per_case = pd.read_csv(results / "probe" / "pancreas" / "sar" / "r1" / "fold1.csv")
+    split = yaml.safe_load((results / "splits" / "pancreas" / "fold1.json").read_text())
+    assert set(per_case["case"]) == set(split["test"]) and set(per_case["class"]) == {"organ", "tumour"}
     # no finished-looking leftovers of atomic writes
     assert not list(results.rglob("*.partial*"))
 
@@ -198,7 +208,8 @@ def test_changing_one_fold_reruns_only_its_dependents(study: Study) -> None:
     finally:
         fold.write_text(original)  # same content again: nothing to rerun for the tests that follow
     assert jobs == {
-        "finetune": 2, "evaluate": 2, "report_table2": 1, "report_table4": 1, "figure_loss_curves": 1, "all": 1
+        "finetune": 2, "evaluate": 2, "report_table2": 1, "report_table4": 1, "figure_loss_curves": 1,
+        "probe": 2, "report_probe": 1, "all": 1,
     }, jobs
     assert "Nothing to be done" in snakemake(study.workdir, "-n").stdout
 

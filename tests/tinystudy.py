@@ -41,6 +41,7 @@ def tiny_study(results_dir: Path) -> dict[str, Any]:
     config["finetune"].update(patch_size=[32, 32, 16], epochs=2, steps_per_epoch=2, batch_size=2,
                               inits=["scratch", "sar"], full_label_inits=[], ablation_inits=["sar_s2"],
                               label_ratios=[1])
+    config["probe"] = {"inits": ["scratch", "sar"], "steps": 10}  # the random-init floor and SAR's features
     # small enough for a laptop or the 2-CPU CI Slurm node (sbatch refuses what no node has)
     config["resources"] = {
         group: {"threads": 1, "mem_mb": 3000, "runtime": 30} for group in ("pretrain", "finetune", "evaluate")

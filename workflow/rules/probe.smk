@@ -12,7 +12,7 @@ rule probe:
         tracking=TRACKING,
     params:
         config=STUDY_CONFIG,
-        probe=STUDY["probe"],
+        probe=settings("probe", "inits"),
         width=STUDY["pretrain"]["width"],
         seed=SEED,
         pretrained=lambda wc, input: f"--pretrained {input.pretrained}" if input.pretrained else "",

@@ -23,7 +23,9 @@ trial) the mean over that fold's test cases (NaN rows excluded; for an average
 column the mean of the classes' per-fold means), then mean ± sample standard
 deviation (ddof = 1) over folds, Dice ×100. Every other init is compared with
 ``report.reference`` (SAR) per column over folds (:mod:`sar3d.reporting.stats`): t-test
-p-value and a seeded bootstrap CI of the difference of means.
+p-value and a seeded bootstrap CI of the difference of means (reference − other);
+and every init with each of ``report.baselines`` (scratch: does a pre-training
+help at all?), as columns ``*_vs_<baseline>`` (init − baseline).
 
 The best cell of each column (highest Dice / lowest HD95, among cells with
 every fold present) is bold in Markdown and flagged ``best`` in the CSV.
