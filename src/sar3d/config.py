@@ -103,13 +103,13 @@ def _cross_check(config: dict[str, Any]) -> None:
                 raise ConfigError(
                     f"config key '{section}.{key}': '{init}' is neither 'scratch' nor in 'pretrain.methods'"
                 )
-    for ratio in config["report"]["loss_curve_ratios"]:
-        if ratio not in config["finetune"]["label_ratios"]:
-            raise ConfigError(f"config key 'report.loss_curve_ratios': {ratio} is not in 'finetune.label_ratios'")
     if 1 not in config["finetune"]["label_ratios"]:
         raise ConfigError(
             "config key 'finetune.label_ratios': must contain 1 (Tables 2 and 3 and the figures use all labels)"
         )
+    for ratio in config["report"]["loss_curve_ratios"]:
+        if ratio not in config["finetune"]["label_ratios"]:
+            raise ConfigError(f"config key 'report.loss_curve_ratios': {ratio} is not in 'finetune.label_ratios'")
     reference = config["report"]["reference"]
     if config["finetune"]["ablation_inits"] and reference not in config["finetune"]["inits"]:
         raise ConfigError(
