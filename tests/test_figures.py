@@ -65,6 +65,8 @@ def test_loss_curves_from_mlflow(config, tmp_path):
     train3 = history[(history.metric == "train/loss_dice") & (history.epoch == 3)]
     assert np.allclose(train3["value"], 0.1)
     assert history["value"].max() < 5.0
+    other = loss_histories(config, "pancreas", 0.5)  # the curves of another label ratio are that ratio's runs
+    assert other[["init", "fold", "epoch", "value"]].values.tolist() == [["sar", 0, 0, 5.0]]
 
     outs = [tmp_path / "loss.png", tmp_path / "loss.svg"]
     plot_loss_curves(config, "pancreas", outs)

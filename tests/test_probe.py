@@ -13,7 +13,6 @@ from sar3d.evaluation.probe import (
     level_logits,
     level_target,
     probe_dice,
-    probe_features,
 )
 from sar3d.nets.unet import UNet3D
 
@@ -66,13 +65,13 @@ def test_probe_is_seeded_and_reads_raw_features():
     assert min(probe_dice(a, feats, train)) > 0.9  # the standardisation is folded into the weights
 
 
-def test_unet_features_are_the_last_decoder_level_and_change_nothing():
+def test_unet_dec_features_are_the_last_decoder_level_and_change_nothing():
     torch.manual_seed(0)
     net = UNet3D(width=0.125)
     net.eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.rand(2, 1, 16, 16, 8)
-    feats = probe_features(net, x)
+    feats = level_features(net, x)["dec"]
     assert feats.shape == (2, net.encoder_channels[0], 16, 16, 8)
     assert not net.training
     for key, value in net.state_dict().items():

@@ -32,25 +32,16 @@ from torch import Tensor, nn
 from sar3d.metrics import dice_score
 from sar3d.nets.unet import UNet3D, batch_statistics
 
-__all__ = ["LEVELS", "fit_linear_probe", "level_features", "probe_dice", "probe_features", "run_probe"]
+__all__ = [
+    "CSV_COLUMNS", "LEVELS", "fit_linear_probe", "level_features", "level_logits", "level_target", "probe_dice",
+    "run_probe",
+]
 
 log = logging.getLogger(__name__)
 
 LEVELS = ("enc1", "enc2", "enc3", "enc4", "dec")
 DOWNSAMPLING = 8  # three max-poolings between enc1 and enc4
 CSV_COLUMNS = ["task", "init", "ratio", "fold", "class", "level", "case", "dice"]
-
-
-@torch.no_grad()
-def probe_features(net: UNet3D, images: Tensor) -> Tensor:
-    """The frozen last decoder level ``(N, C, X, Y, Z)`` of ``images`` ``(N, 1, X, Y, Z)``.
-
-    Normalised with each batch's own statistics (as in pre-training), so a
-    network's running BN statistics, which a random init never filled, do not
-    decide its score.
-    """
-    with batch_statistics(net):
-        return net.decode_features(net.encode(images))
 
 
 def fit_linear_probe(features: Tensor, target: Tensor, steps: int = 200, lr: float = 0.05,
@@ -93,52 +84,54 @@ def fit_linear_probe(features: Tensor, target: Tensor, steps: int = 200, lr: flo
 
 @torch.no_grad()
 def probe_dice(probe: nn.Conv3d, features: Tensor, target: Tensor) -> list[float]:
-    """Dice per case of the probe's mask (logit > 0) against ``target`` (NaN where both are empty)."""
-    predicted = probe(features) > 0
+    """Dice per case of the probe's mask (logit > 0, brought to ``target``'s grid by :func:`level_logits`)
+    against ``target`` ``(N, 1, X, Y, Z)`` (NaN where both are empty)."""
+    predicted = level_logits(probe, features, tuple(target.shape[2:])) > 0
     target = target.reshape(predicted.shape).bool()
     return [dice_score(p, t) for p, t in zip(predicted, target, strict=True)]
 
 
-@torch.no_grad()
-def level_features(net: UNet3D, image: Tensor) -> dict[str, Tensor]:
-    """Every level of :data:`LEVELS` for one ``(1, 1, X, Y, Z)`` volume, padded to a multiple of 8.
+def _pad(x: Tensor) -> Tensor:
+    """``(N, C, X, Y, Z)`` zero-padded at the far end to multiples of 8 (MONAI ``DivisiblePad``)."""
+    from monai.transforms import DivisiblePad
 
-    Batch statistics as in :func:`probe_features`; the padding (zeros at the far
-    end) is cropped off again by :func:`level_logits`.
+    pad = DivisiblePad(k=DOWNSAMPLING, method="end")
+    return torch.stack([torch.as_tensor(pad(v)) for v in x])
+
+
+@torch.no_grad()
+def level_features(net: UNet3D, images: Tensor) -> dict[str, Tensor]:
+    """Every level of :data:`LEVELS` of ``images`` ``(N, 1, X, Y, Z)``, padded to a multiple of 8.
+
+    Normalised with each batch's own statistics (as in pre-training), so a
+    network's running BN statistics, which a random init never filled, do not
+    decide its score; the padding is cropped off again by :func:`level_logits`.
     """
-    pad = [(-n) % DOWNSAMPLING for n in image.shape[2:]]
-    x = F.pad(image, [p for n in reversed(pad) for p in (0, n)])
     with batch_statistics(net):
-        encoded = net.encode(x)
+        encoded = net.encode(_pad(images))
         decoded = net.decode_features(encoded)
     return {**{f"enc{i + 1}": f for i, f in enumerate(encoded)}, "dec": decoded}
 
 
+def _factor(features: Tensor, shape: tuple[int, ...]) -> int:
+    """How many voxels of the padded ``shape`` grid one voxel of ``features`` spans per axis."""
+    return -(-shape[0] // DOWNSAMPLING) * DOWNSAMPLING // features.shape[2]
+
+
 def level_target(mask: Tensor, features: Tensor) -> Tensor:
-    """A ``(1, 1, X, Y, Z)`` mask brought to a level's grid: padded, average-pooled, > 0.5."""
-    factor = _factor(mask, features)
-    padded = [f * factor for f in features.shape[2:]]
-    pad = [p - n for p, n in zip(padded, mask.shape[2:], strict=True)]
-    x = F.pad(mask.float(), [p for n in reversed(pad) for p in (0, n)])
+    """A ``(N, 1, X, Y, Z)`` mask brought to a level's grid: padded, average-pooled, > 0.5."""
+    factor = _factor(features, tuple(mask.shape[2:]))
+    x = _pad(mask.float())
     return (F.avg_pool3d(x, factor) > 0.5).float() if factor > 1 else x
 
 
 def level_logits(probe: nn.Conv3d, features: Tensor, shape: tuple[int, ...]) -> Tensor:
     """The probe's logits upsampled (trilinear) to the padded full grid and cropped to ``shape`` (X, Y, Z)."""
     logits = probe(features)
-    factor = _factor_of(features, shape)
+    factor = _factor(features, shape)
     if factor > 1:
         logits = F.interpolate(logits, scale_factor=factor, mode="trilinear", align_corners=False)
     return logits[..., : shape[0], : shape[1], : shape[2]]
-
-
-def _factor(mask: Tensor, features: Tensor) -> int:
-    return _factor_of(features, tuple(mask.shape[2:]))
-
-
-def _factor_of(features: Tensor, shape: tuple[int, ...]) -> int:
-    padded = -(-shape[0] // DOWNSAMPLING) * DOWNSAMPLING
-    return padded // features.shape[2]
 
 
 def _flat(tensors: list[Tensor]) -> Tensor:
@@ -179,12 +172,9 @@ def run_probe(
             target = _flat([level_target(y[:, k : k + 1], f[level]) for f, y in labelled])
             probe = fit_linear_probe(features, target, steps=pcfg["steps"], lr=pcfg["lr"],
                                      seed=derive_seed(config["seed"], "probe", task, fold, cls, level))
-            with torch.no_grad():
-                for case, (f, y) in zip(test, tested, strict=True):
-                    mask = y[:, k : k + 1]
-                    predicted = level_logits(probe, f[level], tuple(mask.shape[2:])) > 0
-                    records.append({"task": task, "init": init, "ratio": ratio, "fold": fold, "class": cls,
-                                    "level": level, "case": case, "dice": dice_score(predicted[0], mask[0].bool())})
+            for case, (f, y) in zip(test, tested, strict=True):
+                records.append({"task": task, "init": init, "ratio": ratio, "fold": fold, "class": cls,
+                                "level": level, "case": case, "dice": probe_dice(probe, f[level], y[:, k : k + 1])[0]})
     frame = pd.DataFrame.from_records(records, columns=CSV_COLUMNS)
     identity = {"task": task, "init": init, "ratio": ratio, "fold": fold}
     with tracked_run(config, "probe", identity, params={"probe": pcfg, "n_train_cases": len(train)}) as run:

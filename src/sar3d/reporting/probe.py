@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 
 from sar3d import paths
-from sar3d.evaluation.probe import LEVELS
+from sar3d.evaluation.probe import CSV_COLUMNS, LEVELS
 from sar3d.io import atomic_output
 from sar3d.pretraining.registry import SCRATCH, display_name, table_order
 from sar3d.reporting.markdown import DASH, format_cell, format_p
-from sar3d.reporting.stats import compare
+from sar3d.reporting.stats import compare_as_configured
 from sar3d.seeding import derive_seed
 
 __all__ = ["build_probe_table", "probe_files", "run_probe_report"]
@@ -46,7 +46,6 @@ def probe_files(config: Mapping[str, Any]) -> list[Path]:
 
 def build_probe_table(config: Mapping[str, Any], frame: pd.DataFrame) -> pd.DataFrame:
     """Long form: one row per (task, class, level, init) with mean, std, folds and the comparison with scratch."""
-    rcfg = config["report"]
     inits = table_order(config, list(config["probe"]["inits"]))
     per_fold = frame.groupby(["task", "class", "level", "init", "fold"])["dice"].mean() * 100
     records = []
@@ -62,10 +61,8 @@ def build_probe_table(config: Mapping[str, Any], frame: pd.DataFrame) -> pd.Data
                            "mean": v.mean() if len(v) else np.nan, "std": v.std(ddof=1) if len(v) > 1 else np.nan,
                            "n_folds": len(v), "fold_values": " ".join(f"{f}:{x:.4f}" for f, x in v.items())}
                     if init != SCRATCH and SCRATCH in values:
-                        cmp = compare(v.to_numpy(), values[SCRATCH].to_numpy(),
-                                      seed=derive_seed(config["seed"], "probe", task, cls, level, init),
-                                      equal_var=rcfg["ttest_equal_var"], n_resamples=rcfg["bootstrap_samples"],
-                                      confidence=rcfg["confidence"])
+                        cmp = compare_as_configured(config, v.to_numpy(), values[SCRATCH].to_numpy(),
+                                                    derive_seed(config["seed"], "probe", task, cls, level, init))
                         rec.update(mean_diff_vs_scratch=cmp.mean_diff, p_value_vs_scratch=cmp.p_value,
                                    ci_low_vs_scratch=cmp.ci_low, ci_high_vs_scratch=cmp.ci_high)
                     records.append(rec)
@@ -108,7 +105,7 @@ def run_probe_report(
     results = config["results_dir"]
     files = [p for p in probe_files(config) if p.exists()] if files is None else [Path(p) for p in files]
     frame = pd.concat([pd.read_csv(p) for p in files], ignore_index=True) if files else \
-        pd.DataFrame(columns=["task", "init", "ratio", "fold", "class", "level", "case", "dice"])
+        pd.DataFrame(columns=CSV_COLUMNS)
     out_csv = Path(out_csv or paths.fill(paths.TABLE, results, table="probe"))
     out_md = Path(out_md or paths.fill(paths.TABLE_MD, results, table="probe"))
     table = build_probe_table(config, frame)
@@ -117,8 +114,8 @@ def run_probe_report(
             table.to_csv(tmp, index=False, float_format="%.6g")
         with atomic_output(out_md) as tmp:
             tmp.write_text(render_probe_markdown(config, table))
-        run.metrics({f"{r.task}/{r['class']}/{r.level}/{r.init}": r["mean"]
-                     for _, r in table.iterrows() if np.isfinite(r["mean"])} if len(table) else {})
+        run.metrics({f"{r['task']}/{r['class']}/{r['level']}/{r['init']}": r["mean"]
+                     for _, r in table.iterrows() if np.isfinite(r["mean"])})
         run.artifact(out_csv)
         run.artifact(out_md)
     return table

@@ -58,7 +58,7 @@ from sar3d.io import atomic_output
 from sar3d.reporting.evaluations import Evaluations, read_grid
 from sar3d.reporting.markdown import bucket_note, render_markdown
 from sar3d.reporting.runs import Key
-from sar3d.reporting.stats import compare
+from sar3d.reporting.stats import compare_as_configured
 from sar3d.reporting.tables import Column, Metric, TableSpec, table_spec
 from sar3d.seeding import derive_seed
 
@@ -142,14 +142,10 @@ def _compared(
     not a row of the table or they are the same init."""
     if first == second or first not in values or second not in values:
         return {f"{field}{suffix}": np.nan for field in COMPARISON_FIELDS}
-    rcfg = config["report"]
     # the seed of the reference comparison is the one tables had before baselines existed
-    pair = (second,) if first == rcfg["reference"] else (first, second)
-    cmp = compare(
-        values[first].to_numpy(), values[second].to_numpy(),
-        seed=derive_seed(config["seed"], "report", spec.name, col.task, col.label, *pair),
-        equal_var=rcfg["ttest_equal_var"], n_resamples=rcfg["bootstrap_samples"], confidence=rcfg["confidence"],
-    )
+    pair = (second,) if first == config["report"]["reference"] else (first, second)
+    cmp = compare_as_configured(config, values[first].to_numpy(), values[second].to_numpy(),
+                                derive_seed(config["seed"], "report", spec.name, col.task, col.label, *pair))
     return {f"{field}{suffix}": getattr(cmp, field) for field in COMPARISON_FIELDS}
 
 
@@ -222,6 +218,11 @@ def run_report_all(config: dict[str, Any]) -> list[Path]:
             if name == "table4" else []
         run_report(config, None, table=name, figure=fig)
         written += [paths.fill(paths.TABLE, results, table=name), *fig]
+    if config["probe"]["inits"]:
+        from sar3d.reporting.probe import run_probe_report
+
+        run_probe_report(config, None)
+        written.append(paths.fill(paths.TABLE, results, table="probe"))
     written += figures.run_figures_all(config)
     written += run_restoration_all(config)
     return written

@@ -20,8 +20,9 @@ Fewer than two values on either side give NaN rather than a number that means no
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -88,3 +89,11 @@ def compare(
     diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
     low, high = bootstrap_ci(a, b, seed, n_resamples, confidence)
     return Comparison(diff, ttest(a, b, equal_var), low, high, len(a), len(b))
+
+
+def compare_as_configured(config: Mapping[str, Any], reference: Sequence[float], other: Sequence[float],
+                          seed: int) -> Comparison:
+    """:func:`compare` with the test, resamples and confidence of ``report`` in the study config."""
+    rcfg = config["report"]
+    return compare(reference, other, seed, equal_var=rcfg["ttest_equal_var"], n_resamples=rcfg["bootstrap_samples"],
+                   confidence=rcfg["confidence"])
