@@ -90,6 +90,8 @@ def test_every_level_of_an_odd_sized_volume_maps_back_to_its_grid():
     mask[..., 8:24, 8:24, 8:16] = 1  # inside, on the coarsest grid's cells: every level holds it exactly
     levels = level_features(net, image)
     assert list(levels) == list(LEVELS)
+    assert all(type(f) is torch.Tensor for f in levels.values())  # MONAI's padding leaves no MetaTensor behind
+    fit_linear_probe(levels["dec"], level_target(mask, levels["dec"]), steps=2)  # the probe trains on them
     padded = (40, 40, 32)
     for name, factor in zip(LEVELS, (1, 2, 4, 8, 1), strict=True):
         features = levels[name]

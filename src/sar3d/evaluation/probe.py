@@ -96,7 +96,7 @@ def _pad(x: Tensor) -> Tensor:
     from monai.transforms import DivisiblePad
 
     pad = DivisiblePad(k=DOWNSAMPLING, method="end")
-    return torch.stack([torch.as_tensor(pad(v)) for v in x])
+    return torch.stack([pad(v).as_subclass(torch.Tensor) for v in x])  # a plain tensor, not a MetaTensor
 
 
 @torch.no_grad()
