@@ -302,7 +302,10 @@ def test_report_all_writes_every_table_from_a_partial_grid(study: Study) -> None
         probe = pd.read_csv(results / "tables" / "probe.csv")
         pancreas_sar = probe[(probe["task"] == "pancreas") & (probe["init"] == "sar")]
         assert (pancreas_sar["n_folds"] == 1).all() and pancreas_sar["mean"].notna().all()
-        assert (probe[probe["init"] == "scratch"]["n_folds"] == probe["n_folds"].max()).all()
+        full = probe.groupby("task")["n_folds"].transform("max")  # the brain task has fewer trials than pancreas folds
+        scratch = probe["init"] == "scratch"
+        assert (probe.loc[scratch, "n_folds"] == full[scratch]).all()
+        assert (full[probe["task"] == "pancreas"] > 1).all()
     finally:
         missing.write_bytes(kept)
         snakemake(study.workdir, "--cores", "2")  # the tables back as the workflow writes them
