@@ -4,9 +4,17 @@ Why: the method seam must move Genesis, +SA, +MIAL, SAR and the single-scale
 variants without changing a single number. The fixture was generated on the
 code before the move (commit 5a5305c, with that commit's API: ``run_pretrain(config,
 method, cube_dirs, out, checkpoint)`` and the method names of its fixed table) and
-``test_golden.py`` asserts that the current code reproduces it exactly: every
-logged per-epoch term (train and validation), every learning rate, and a digest
-of the exported weights.
+``test_golden.py`` asserts that the current code reproduces it: every logged
+per-epoch term (train and validation), every learning rate, and per-tensor sums
+and absolute sums of the exported weights, to a relative 1e-5.
+
+Why a tolerance: float reductions round differently on another CPU's kernels
+(an AMD EPYC CI machine moved the terms by up to 4.6e-7 relative against the
+machine that recorded them), so bit-exactness tested the hardware, not the code;
+any real change of the computation moves them by orders of magnitude more. The
+histories are still those recorded on 5a5305c; the weights were a sha256 digest
+there, reproduced bit-exactly on the recording machine up to commit 039dd91, and
+are per-tensor statistics since, recorded by that commit's code.
 
 Run ``python tests/pretraining/golden.py`` only to regenerate on purpose (the
 diff of the JSON then shows which numbers moved).
@@ -14,7 +22,6 @@ diff of the JSON then shows which numbers moved).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import tempfile
@@ -42,14 +49,13 @@ BLOCKS: dict[str, dict[str, Any]] = {
 RECORDED_AS = {"sar_corrupted_view": "sar"}
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of a state dict, in key order."""
-    digest = hashlib.sha256()
+def weights_stats(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Per tensor: the float64 sum and sum of absolute values (rounding-tolerant, unlike a digest of the bytes)."""
+    stats = {}
     for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
+        tensor = state[key].detach().cpu().double()
+        stats[key] = [float(tensor.sum()), float(tensor.abs().sum())]
+    return stats
 
 
 def record(root: Path, dirs: list[Path], name: str) -> dict[str, Any]:
@@ -62,7 +68,7 @@ def record(root: Path, dirs: list[Path], name: str) -> dict[str, Any]:
     run_pretrain(config, PretrainJob(method, tuple(dirs), out, ckpt))
     history = torch.load(ckpt, weights_only=True)["history"]
     epochs = [{k: v for k, v in epoch.items() if not k.startswith("perf/")} for epoch in history]
-    return {"history": epochs, "weights": weights_digest(torch.load(out, weights_only=True))}
+    return {"history": epochs, "weights": weights_stats(torch.load(out, weights_only=True))}
 
 
 def generate(root: Path) -> dict[str, Any]:

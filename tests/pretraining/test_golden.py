@@ -1,4 +1,4 @@
-"""The method seam changed no number: every built-in method reproduces the fixture recorded before it.
+"""The method seam changed no number: every built-in method reproduces the fixture recorded before it (to rounding).
 
 ``golden.json`` was written by ``golden.py`` on the code before the seam (see
 there). A difference names the block, the epoch and the term that moved.
@@ -7,12 +7,26 @@ there). A difference names the block, the epoch and the term that moved.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from golden import BLOCKS, FIXTURE, generate
+
+REL = 1e-5  # float rounding of another CPU's kernels moves a term by < 1e-6 relative (golden.py)
+
+
+def _moved(want: dict, have: dict) -> dict:
+    """Terms of ``want`` that ``have`` does not reproduce to a relative :data:`REL`."""
+    return {k: (want[k], have[k]) for k in want if not math.isclose(want[k], have[k], rel_tol=REL, abs_tol=1e-9)}
+
+
+def _moved_weights(want: dict, have: dict) -> list[str]:
+    """Tensors whose sum or absolute sum moved by more than :data:`REL` of the absolute sum."""
+    return sorted(k for k, (total, size) in want.items()
+                  if abs(have[k][0] - total) > REL * size or not math.isclose(have[k][1], size, rel_tol=REL))
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +46,8 @@ def test_block_reproduces_the_recorded_run(recorded: dict, name: str) -> None:
     assert len(got["history"]) == len(expected["history"])
     for epoch, (want, have) in enumerate(zip(expected["history"], got["history"], strict=True)):
         assert set(have) == set(want), f"{name} epoch {epoch}: terms {sorted(set(have) ^ set(want))} differ"
-        moved = {k: (want[k], have[k]) for k in want if have[k] != want[k]}
+        moved = _moved(want, have)
         assert not moved, f"{name} epoch {epoch}: {moved}"
-    assert got["weights"] == expected["weights"], f"{name}: exported weights differ"
+    assert set(got["weights"]) == set(expected["weights"]), f"{name}: exported tensors differ"
+    moved = _moved_weights(expected["weights"], got["weights"])
+    assert not moved, f"{name}: exported weights differ in {moved}"
