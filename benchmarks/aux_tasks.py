@@ -35,6 +35,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr_0.1": {"optimizer": {"lr": 0.1}, "methods": {"sar": {"loss_weights": {"adversarial": 0.0},
                                                              "lr": {"scale_head": 0.1}}}},
     "corrupted_view": {"methods": {"sar": {"loss_weights": {"adversarial": 0.0}, "aux_view": "corrupted"}}},
+    # the paper's discriminator optimiser (SGD 1e-3) instead of the demo's Adam 1e-3
+    "disc_sgd": {"methods": {"sar": {"loss_weights": {"adversarial": 0.0}, "discriminator_optimizer": "sgd"}}},
 }
 
 

@@ -33,6 +33,10 @@ def test_paper_overlay_restores_the_papers_settings() -> None:
     assert config["pretrain"]["optimizer"]["lr"] == 1.0
     assert config["pretrain"]["methods"]["sar"]["lr"] == {"scale_head": 0.1, "discriminator": 0.001}
     assert {"sa", "mial", "sar_s2", "sar_s4", "sar_s8"} <= set(config["pretrain"]["methods"])
+    demo = load_config(REPO / "config.yaml")["pretrain"]["methods"]
+    adversarial = [name for name, block in demo.items() if block["kind"] == "sar" and block["adversarial"]]
+    assert {demo[name]["discriminator_optimizer"] for name in adversarial} == {"adam"}  # the demo's deviation
+    assert {config["pretrain"]["methods"][name]["discriminator_optimizer"] for name in adversarial} == {"sgd"}
     assert config["preprocess"]["spacing"] == [1.0, 1.0, 1.0]
     assert config["pretrain"]["width"] == 1.0
     assert config["cubes"]["per_volume"] == 64

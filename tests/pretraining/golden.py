@@ -35,7 +35,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from cubeshards import BLOCKS as METHOD_BLOCKS  # noqa: E402
-from cubeshards import DEMO_HEAD_LR, cube_folder, make_config  # noqa: E402
+from cubeshards import DEMO_HEAD_LR, PAPER_DISCRIMINATOR, cube_folder, make_config  # noqa: E402
 from sar3d.pretraining.base import PretrainJob  # noqa: E402
 from sar3d.pretraining.run import run_pretrain  # noqa: E402
 
@@ -43,7 +43,7 @@ FIXTURE = Path(__file__).with_name("golden.json")
 BLOCKS: dict[str, dict[str, Any]] = {
     **METHOD_BLOCKS,
     # one non-default setting per code path a default run does not take
-    "sar_corrupted_view": {"kind": "sar", "aux_view": "corrupted", **DEMO_HEAD_LR},
+    "sar_corrupted_view": {"kind": "sar", "aux_view": "corrupted", **DEMO_HEAD_LR, **PAPER_DISCRIMINATOR},
 }
 # the fixture's key of each block: the variant was recorded as method "sar" (its seeds follow the name)
 RECORDED_AS = {"sar_corrupted_view": "sar"}
