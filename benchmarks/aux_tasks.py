@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sar3d import paths
 from sar3d.config import load_config
 from sar3d.data.loader import make_pretrain_loader, open_cube_store
 from sar3d.pretraining import registry
@@ -69,7 +70,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cubes = [args.results / "cubes" / d for d in ("luna16", "lits", "brats", "heart")]
+    datasets = load_config(REPO / "config.yaml")["pretrain"]["datasets"]
+    cubes = [paths.fill(paths.CUBES, args.results, dataset=d) for d in datasets]
     rows = [r for v in args.variants for r in run_variant(v, VARIANTS[v], cubes, args.epochs, args.steps)]
     out = REPO / "benchmarks" / "out" / "aux_tasks.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sar3d import paths
+from sar3d.config import load_config
 from sar3d.data.loader import open_cube_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +34,9 @@ def histograms(dirs: list[Path], split: str, chunk: int = 64) -> tuple[torch.Ten
     for start in range(0, len(store), chunk):
         batch = store.fetch(np.arange(start, min(start + chunk, len(store))))
         cubes = batch["cube"].flatten(1).clamp(0, 1)
-        bins = (cubes * BINS).long().clamp(max=BINS - 1)
-        rows.append(torch.nn.functional.one_hot(bins, BINS).float().mean(1))
+        bins = (cubes * BINS).long().clamp(max=BINS - 1) + BINS * torch.arange(len(cubes))[:, None]
+        counts = torch.bincount(bins.flatten(), minlength=BINS * len(cubes)).view(len(cubes), BINS)
+        rows.append(counts.float() / cubes.shape[1])
         labels.append(batch["modality"])
     return torch.cat(rows), torch.cat(labels).float()
 
@@ -66,7 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=REPO / "results")
     args = parser.parse_args()
-    dirs = [args.results / "cubes" / d for d in ("luna16", "lits", "brats", "heart")]
+    datasets = load_config(REPO / "config.yaml")["pretrain"]["datasets"]
+    dirs = [paths.fill(paths.CUBES, args.results, dataset=d) for d in datasets]
     x_train, y_train = histograms(dirs, "train")
     x_val, y_val = histograms(dirs, "val")
     model = fit_logistic(x_train, y_train)
