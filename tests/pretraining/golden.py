@@ -13,8 +13,8 @@ Why a tolerance: float reductions round differently on another CPU's kernels
 machine that recorded them), so bit-exactness tested the hardware, not the code;
 any real change of the computation moves them by orders of magnitude more. The
 histories are still those recorded on 5a5305c; the weights were a sha256 digest
-there, reproduced bit-exactly on the recording machine up to commit 039dd91, and
-are per-tensor statistics since, recorded by that commit's code.
+there, reproduced bit-exactly in CI up to commit d81a359, and are per-tensor
+statistics since, recorded by the code of 039dd91 (the computation of d81a359).
 
 Run ``python tests/pretraining/golden.py`` only to regenerate on purpose (the
 diff of the JSON then shows which numbers moved).
